@@ -1,0 +1,41 @@
+# pgkeep — the README's commands live here.
+#   make up         build pgkeep and bring up the local secure cluster
+#   make test       everything: lint, unit, simulation, real-component tests
+#   make test-fast  unit + simulation tests only (no real components)
+#   make down       stop the local cluster
+
+SHELL := /bin/bash
+DIR ?= /var/lib/pgkeep-demo
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+# Debian packages pgkeep's build, tests and local cluster need. nginx is for benchmarks only.
+PACKAGES := postgresql-15 postgresql-15-pgaudit etcd-server etcd-client pgbackrest haproxy \
+            protobuf-compiler libprotobuf-dev patroni apache2-utils nftables
+
+.PHONY: deps build up down test test-fast lint sim
+
+deps:
+	@bash scripts/install-deps.sh $(PACKAGES)
+
+build: deps
+	$(CARGO) build --locked
+
+up: build
+	@echo "pgkeep: the agent and 'pgkeep up' come with the agent issue; the build and dependencies are ready."
+
+down:
+	@echo "pgkeep: nothing to stop yet."
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+test-fast: deps
+	$(CARGO) nextest run --locked --workspace --exclude pgkeep-testkit --lib --bins
+
+test: deps lint
+	$(CARGO) nextest run --locked --workspace --no-tests=warn
+
+sim: deps
+	$(CARGO) nextest run --locked -p pgkeep-core --run-ignored all sim

@@ -1,0 +1,10 @@
+//! pgkeep's pure core.
+//!
+//! Everything here is a function of its inputs: no async runtime, no filesystem, no processes,
+//! no network and no clock of its own. The agent (crate `pgkeep`) observes the world, calls into
+//! this crate, and executes what it returns. That is what lets the HA rules be tested with tables
+//! and deterministic simulations instead of mocks.
+
+pub mod cluster;
+pub mod ha;
+pub mod policy;
