@@ -1,0 +1,5 @@
+//! Command-line front ends: argument types and presentation. The work itself is done by the
+//! library modules they call.
+
+pub mod config;
+pub mod pki;

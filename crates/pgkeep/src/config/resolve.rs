@@ -1,0 +1,659 @@
+//! From the file as written to the checked [`Config`]: defaults, conversions and the rules an
+//! experienced DBA expects to be enforced before anything starts.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use pgkeep_core::cluster::Tags;
+use pgkeep_core::policy::{self, Admission, GucName, LocalOnlyReason};
+use secrecy::SecretString;
+use serde_json::{Map, Value, json};
+
+use super::raw::{RawAuth, RawConfig, RawPgRole};
+use super::{
+    BasicAuth, Bootstrap, Config, ConfigError, Ctl, Etcd, Insecure, Log, LogFormat,
+    PgAuthentication, PgRole, Postgresql, RestApi, TlsFiles, VerifyClient, Watchdog, WatchdogMode,
+};
+
+const REDACTED: &str = "<redacted>";
+
+/// Converts the parsed file into a checked configuration.
+pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let err = |key: &str, reason: String| ConfigError::new(file, key, reason);
+    let mut inline_secret_keys = Vec::new();
+
+    check_identifier(&raw.scope).map_err(|r| err("scope", r))?;
+    check_identifier(&raw.name).map_err(|r| err("name", r))?;
+    let namespace = raw.namespace.unwrap_or_else(|| "/service/".into());
+
+    let raw_pgkeep = raw.pgkeep.unwrap_or_default();
+    let raw_insecure = raw_pgkeep.insecure.unwrap_or_default();
+    let insecure = Insecure {
+        plaintext_restapi: raw_insecure.plaintext_restapi,
+        plaintext_etcd: raw_insecure.plaintext_etcd,
+        weak_pg_hba: raw_insecure.weak_pg_hba,
+    };
+
+    // REST API
+    let r = raw.restapi;
+    let listen = parse_socket(&r.listen).map_err(|e| err("restapi.listen", e))?;
+    let tls = tls_pair(r.certfile, r.keyfile, "restapi.certfile", "restapi.keyfile")
+        .map_err(|(k, e)| err(k, e))?;
+    if tls.is_none() && !insecure.plaintext_restapi {
+        return Err(err(
+            "restapi.certfile",
+            "the REST API needs a certificate (restapi.certfile and restapi.keyfile); \
+             plaintext HTTP is refused unless pgkeep.insecure.plaintext_restapi is true"
+                .into(),
+        ));
+    }
+    let verify_client = r.verify_client.unwrap_or(if r.cafile.is_some() {
+        VerifyClient::Optional
+    } else {
+        VerifyClient::None
+    });
+    if verify_client != VerifyClient::None && r.cafile.is_none() {
+        return Err(err(
+            "restapi.cafile",
+            "verify_client needs a CA file to check client certificates against".into(),
+        ));
+    }
+    let authentication = r
+        .authentication
+        .map(|a| basic_auth(file, a, "restapi.authentication", &mut inline_secret_keys))
+        .transpose()?;
+    let allowlist = r
+        .allowlist
+        .items()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse_net(s).map_err(|e| err(&format!("restapi.allowlist[{i}]"), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let restapi = RestApi {
+        connect_address: r.connect_address.unwrap_or_else(|| r.listen.clone()),
+        listen,
+        tls,
+        cafile: r.cafile,
+        verify_client,
+        authentication,
+        allowlist,
+        allowlist_include_members: r.allowlist_include_members,
+        allowed_client_names: r.allowed_client_names.items(),
+    };
+
+    // Operator CLI
+    let ctl = match raw.ctl {
+        None => Ctl::default(),
+        Some(c) => Ctl {
+            client: tls_pair(c.certfile, c.keyfile, "ctl.certfile", "ctl.keyfile")
+                .map_err(|(k, e)| err(k, e))?,
+            cacert: c.cacert,
+            authentication: c
+                .authentication
+                .map(|a| basic_auth(file, a, "ctl.authentication", &mut inline_secret_keys))
+                .transpose()?,
+        },
+    };
+
+    // etcd
+    let e = raw.etcd3;
+    let mut hosts = e.hosts.items();
+    if let Some(h) = e.host {
+        hosts.insert(0, h);
+    }
+    if hosts.is_empty() {
+        return Err(err(
+            "etcd3.hosts",
+            "list at least one etcd endpoint (host:port)".into(),
+        ));
+    }
+    let protocol = e.protocol.unwrap_or_else(|| "https".into());
+    match protocol.as_str() {
+        "https" => {}
+        "http" if insecure.plaintext_etcd => {}
+        "http" => {
+            return Err(err(
+                "etcd3.protocol",
+                "plaintext etcd is refused; use https (or set pgkeep.insecure.plaintext_etcd)"
+                    .into(),
+            ));
+        }
+        other => {
+            return Err(err(
+                "etcd3.protocol",
+                format!("{other:?} is neither https nor http"),
+            ));
+        }
+    }
+    let client = tls_pair(e.cert, e.key, "etcd3.cert", "etcd3.key").map_err(|(k, e)| err(k, e))?;
+    if protocol == "https" && (e.cacert.is_none() || client.is_none()) {
+        return Err(err(
+            if e.cacert.is_none() {
+                "etcd3.cacert"
+            } else {
+                "etcd3.cert"
+            },
+            "etcd is reached over mutual TLS: set etcd3.cacert, etcd3.cert and etcd3.key".into(),
+        ));
+    }
+    let mut endpoints = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        if h.contains("://") {
+            return Err(err(
+                &format!("etcd3.hosts[{i}]"),
+                "give host:port; the scheme comes from etcd3.protocol".into(),
+            ));
+        }
+        if h.rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(err(
+                &format!("etcd3.hosts[{i}]"),
+                format!("{h:?} is not host:port"),
+            ));
+        }
+        endpoints.push(format!("{protocol}://{h}"));
+    }
+    let etcd = Etcd {
+        endpoints,
+        cacert: e.cacert,
+        client,
+    };
+
+    // Bootstrap
+    let bootstrap = match raw.bootstrap {
+        None => Bootstrap::default(),
+        Some(b) => {
+            let dcs = b.dcs.unwrap_or_default();
+            check_timing(&dcs).map_err(|(k, r)| err(&format!("bootstrap.dcs.{k}"), r))?;
+            let initdb = b
+                .initdb
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    initdb_option(v).map_err(|r| err(&format!("bootstrap.initdb[{i}]"), r))
+                })
+                .collect::<Result<_, _>>()?;
+            Bootstrap { dcs, initdb }
+        }
+    };
+
+    // PostgreSQL
+    let p = raw.postgresql;
+    let pg_listen = parse_socket(&p.listen).map_err(|e| err("postgresql.listen", e))?;
+    if !p.data_dir.is_absolute() {
+        return Err(err(
+            "postgresql.data_dir",
+            "must be an absolute path".into(),
+        ));
+    }
+    let config_dir = p
+        .config_dir
+        .unwrap_or_else(|| default_config_dir(&p.data_dir));
+    if config_dir.starts_with(&p.data_dir) {
+        return Err(err(
+            "postgresql.config_dir",
+            "must be outside the data directory, so clones and rewinds never copy another node's configuration".into(),
+        ));
+    }
+    let auth = p.authentication.unwrap_or_default();
+    let authentication = PgAuthentication {
+        superuser: pg_role(
+            file,
+            auth.superuser,
+            "postgres",
+            "postgresql.authentication.superuser",
+            &mut inline_secret_keys,
+        )?,
+        replication: pg_role(
+            file,
+            auth.replication,
+            "replicator",
+            "postgresql.authentication.replication",
+            &mut inline_secret_keys,
+        )?,
+        rewind: pg_role(
+            file,
+            auth.rewind,
+            "rewind_user",
+            "postgresql.authentication.rewind",
+            &mut inline_secret_keys,
+        )?,
+    };
+    let parameters = policy::check_local(&p.parameters.unwrap_or_default())
+        .map_err(|e| err("postgresql.parameters", e.to_string()))?;
+    for (i, line) in p.pg_hba.iter().enumerate() {
+        check_hba_line(line, insecure.weak_pg_hba)
+            .map_err(|r| err(&format!("postgresql.pg_hba[{i}]"), r))?;
+    }
+    let postgresql = Postgresql {
+        listen: pg_listen,
+        connect_address: p.connect_address,
+        data_dir: p.data_dir,
+        config_dir,
+        bin_dir: p.bin_dir,
+        pgpass: p.pgpass,
+        authentication,
+        parameters,
+        pg_hba: p.pg_hba,
+        pg_ident: p.pg_ident,
+        use_pg_rewind: p.use_pg_rewind.unwrap_or(true),
+        pg_ctl_timeout: p.pg_ctl_timeout.unwrap_or(60),
+    };
+
+    let tags: Tags = serde_json::from_value(Value::Object(raw.tags.unwrap_or_default()))
+        .map_err(|e| err("tags", e.to_string()))?;
+
+    let w = raw.watchdog;
+    let watchdog = Watchdog {
+        mode: w
+            .as_ref()
+            .and_then(|w| w.mode)
+            .unwrap_or(WatchdogMode::Automatic),
+        device: w
+            .as_ref()
+            .and_then(|w| w.device.clone())
+            .unwrap_or_else(|| "/dev/watchdog".into()),
+        safety_margin: w.as_ref().and_then(|w| w.safety_margin).unwrap_or(5),
+    };
+    let log = Log {
+        level: raw
+            .log
+            .as_ref()
+            .and_then(|l| l.level.clone())
+            .unwrap_or_else(|| "info".into()),
+        format: raw
+            .log
+            .as_ref()
+            .and_then(|l| l.format)
+            .unwrap_or(LogFormat::Text),
+    };
+
+    let mut dynamic_parameter_allowlist = BTreeSet::new();
+    for (i, n) in raw_pgkeep.dynamic_parameter_allowlist.iter().enumerate() {
+        let key = format!("pgkeep.dynamic_parameter_allowlist[{i}]");
+        let name = GucName::parse(n).map_err(|e| err(&key, e.to_string()))?;
+        let probe: BTreeSet<_> = [name.clone()].into();
+        if let Admission::LocalOnly(reason) = policy::admission(&name, &probe) {
+            debug_assert_ne!(reason, LocalOnlyReason::NotAllowlisted);
+            return Err(err(
+                &key,
+                format!("{name} cannot be opened to dynamic configuration: {reason}"),
+            ));
+        }
+        dynamic_parameter_allowlist.insert(name);
+    }
+
+    Ok(Config {
+        source: file.to_owned(),
+        scope: raw.scope,
+        namespace,
+        name: raw.name,
+        restapi,
+        ctl,
+        etcd,
+        bootstrap,
+        postgresql,
+        tags,
+        watchdog,
+        log,
+        dynamic_parameter_allowlist,
+        insecure,
+        inline_secret_keys,
+    })
+}
+
+fn check_identifier(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && !s.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} must be 1-63 characters of letters, digits, '_', '-' and '.'"
+        ))
+    }
+}
+
+fn parse_socket(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("{s:?} is not an address:port (for example 127.0.0.1:8443 or [::1]:8443)")
+    })
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR network"))
+}
+
+type KeyedError = (&'static str, String);
+
+fn tls_pair(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    cert_key: &'static str,
+    key_key: &'static str,
+) -> Result<Option<TlsFiles>, KeyedError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err((
+            key_key,
+            format!("{cert_key} is set, so this must be set too"),
+        )),
+        (None, Some(_)) => Err((
+            cert_key,
+            format!("{key_key} is set, so this must be set too"),
+        )),
+    }
+}
+
+fn secret(
+    file: &Path,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    key: &str,
+    inline: &mut Vec<String>,
+) -> Result<Option<SecretString>, ConfigError> {
+    match (password, password_file) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            file,
+            key,
+            "set password or password_file, not both",
+        )),
+        (Some(p), None) => {
+            inline.push(format!("{key}.password"));
+            Ok(Some(SecretString::from(p)))
+        }
+        (None, Some(pf)) => read_password_file(&pf)
+            .map(Some)
+            .map_err(|r| ConfigError::new(file, format!("{key}.password_file"), r)),
+        (None, None) => Ok(None),
+    }
+}
+
+fn read_password_file(path: &Path) -> Result<SecretString, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if crate::fsutil::readable_by_others(&meta) {
+        return Err(format!(
+            "{} is readable by group or others; run `chmod 600` on it",
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let trimmed = text.trim_end_matches(['\n', '\r']);
+    if trimmed.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+fn basic_auth(
+    file: &Path,
+    a: RawAuth,
+    key: &str,
+    inline: &mut Vec<String>,
+) -> Result<BasicAuth, ConfigError> {
+    let password = secret(file, a.password, a.password_file, key, inline)?
+        .ok_or_else(|| ConfigError::new(file, key, "needs password or password_file"))?;
+    if a.username.is_empty() || a.username.contains(':') {
+        return Err(ConfigError::new(
+            file,
+            format!("{key}.username"),
+            "must be non-empty and contain no ':'",
+        ));
+    }
+    Ok(BasicAuth {
+        username: a.username,
+        password,
+    })
+}
+
+fn pg_role(
+    file: &Path,
+    raw: Option<RawPgRole>,
+    default_user: &str,
+    key: &str,
+    inline: &mut Vec<String>,
+) -> Result<PgRole, ConfigError> {
+    let r = raw.unwrap_or_default();
+    let username = r.username.unwrap_or_else(|| default_user.to_owned());
+    check_identifier(&username)
+        .map_err(|e| ConfigError::new(file, format!("{key}.username"), e))?;
+    let sslmode = r.sslmode.unwrap_or_else(|| "verify-full".into());
+    if !matches!(sslmode.as_str(), "verify-full" | "verify-ca") {
+        return Err(ConfigError::new(
+            file,
+            format!("{key}.sslmode"),
+            format!("{sslmode:?} does not verify the server; use verify-full (or verify-ca)"),
+        ));
+    }
+    let client = tls_pair(r.sslcert, r.sslkey, "sslcert", "sslkey")
+        .map_err(|(k, e)| ConfigError::new(file, format!("{key}.{k}"), e))?;
+    Ok(PgRole {
+        username,
+        password: secret(file, r.password, r.password_file, key, inline)?,
+        sslmode,
+        client,
+        sslrootcert: r.sslrootcert,
+    })
+}
+
+/// `loop_wait + 2 * retry_timeout <= ttl`, so a primary cut off from etcd demotes itself before
+/// its lease can expire. Patroni silently rewrites bad values; pgkeep refuses them.
+fn check_timing(dcs: &Map<String, Value>) -> Result<(), (String, String)> {
+    let get = |k: &str, default: u64| -> Result<u64, (String, String)> {
+        match dcs.get(k) {
+            None => Ok(default),
+            Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                (
+                    k.to_owned(),
+                    format!("must be a positive whole number of seconds, not {v}"),
+                )
+            }),
+        }
+    };
+    let ttl = get("ttl", 30)?;
+    let loop_wait = get("loop_wait", 10)?;
+    let retry_timeout = get("retry_timeout", 10)?;
+    if loop_wait + 2 * retry_timeout > ttl {
+        return Err((
+            "ttl".into(),
+            format!(
+                "loop_wait ({loop_wait}) + 2 * retry_timeout ({retry_timeout}) must not exceed ttl ({ttl}), \
+                 or a primary cut off from etcd could outlive its lease"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One `bootstrap.initdb` entry: `flag` or `{option: value}`, as Patroni writes them.
+fn initdb_option(v: &Value) -> Result<String, String> {
+    let (name, value) = match v {
+        Value::String(s) => (s.clone(), None),
+        Value::Object(m) if m.len() == 1 => {
+            let (k, v) = m.iter().next().ok_or("empty option")?;
+            let v = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => return Err(format!("the value of {k} must be a scalar")),
+            };
+            (k.clone(), Some(v))
+        }
+        _ => return Err("expected an option name or a one-key mapping".into()),
+    };
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!("{name:?} is not an initdb option name"));
+    }
+    if name.starts_with("auth")
+        || matches!(name.as_str(), "pwfile" | "pgdata" | "D" | "waldir" | "X")
+    {
+        return Err(format!("{name} is set by pgkeep and cannot be overridden"));
+    }
+    if value
+        .as_deref()
+        .is_some_and(|v| v.chars().any(char::is_control))
+    {
+        return Err(format!("the value of {name} contains a control character"));
+    }
+    Ok(match value {
+        None => format!("--{name}"),
+        Some(v) => format!("--{name}={v}"),
+    })
+}
+
+fn check_hba_line(line: &str, weak_allowed: bool) -> Result<(), String> {
+    let content = line.split('#').next().unwrap_or("").trim();
+    if content.is_empty() {
+        return Ok(());
+    }
+    if line.chars().any(|c| c.is_control() && c != '\t') {
+        return Err("contains a control character".into());
+    }
+    let fields: Vec<&str> = content.split_whitespace().collect();
+    let kind = fields[0];
+    if !matches!(
+        kind,
+        "local" | "host" | "hostssl" | "hostnossl" | "hostgssenc" | "hostnogssenc"
+    ) {
+        return Err(format!("{kind:?} is not a pg_hba connection type"));
+    }
+    if content.starts_with("include") {
+        return Err("include directives are not allowed".into());
+    }
+    let method_index = if kind == "local" { 3 } else { 4 };
+    let method = fields.get(method_index).copied().unwrap_or("");
+    let weak_method = matches!(method, "trust" | "password" | "md5");
+    let plaintext = matches!(kind, "host" | "hostnossl" | "hostnogssenc");
+    if (weak_method || plaintext) && !weak_allowed {
+        return Err(format!(
+            "{:?} allows {}; use hostssl with scram-sha-256 or cert (or set pgkeep.insecure.weak_pg_hba)",
+            content,
+            if weak_method {
+                format!("the weak method {method}")
+            } else {
+                "connections without TLS".into()
+            }
+        ));
+    }
+    Ok(())
+}
+
+fn default_config_dir(data_dir: &Path) -> PathBuf {
+    let base = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    data_dir
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!("{base}.conf"))
+}
+
+fn path(p: &Option<PathBuf>) -> Value {
+    p.as_ref()
+        .map_or(Value::Null, |p| Value::from(p.display().to_string()))
+}
+
+fn tls(t: &Option<TlsFiles>) -> Value {
+    t.as_ref().map_or(
+        Value::Null,
+        |t| json!({"cert": t.cert.display().to_string(), "key": t.key.display().to_string()}),
+    )
+}
+
+fn auth(a: &Option<BasicAuth>) -> Value {
+    a.as_ref().map_or(
+        Value::Null,
+        |a| json!({"username": a.username, "password": REDACTED}),
+    )
+}
+
+fn role(r: &PgRole) -> Value {
+    json!({
+        "username": r.username,
+        "password": r.password.as_ref().map(|_| REDACTED),
+        "sslmode": r.sslmode,
+        "client": tls(&r.client),
+        "sslrootcert": path(&r.sslrootcert),
+    })
+}
+
+/// The effective configuration as YAML, defaults filled in and every secret replaced by
+/// `<redacted>`. Printed by `pgkeep config check`.
+pub fn effective_yaml(c: &Config) -> String {
+    let doc = json!({
+        "scope": c.scope,
+        "namespace": c.namespace,
+        "name": c.name,
+        "dcs_prefix": c.dcs_base(),
+        "restapi": {
+            "listen": c.restapi.listen.to_string(),
+            "connect_address": c.restapi.connect_address,
+            "tls": tls(&c.restapi.tls),
+            "cafile": path(&c.restapi.cafile),
+            "verify_client": format!("{:?}", c.restapi.verify_client).to_lowercase(),
+            "authentication": auth(&c.restapi.authentication),
+            "allowlist": c.restapi.allowlist.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "allowlist_include_members": c.restapi.allowlist_include_members,
+            "allowed_client_names": c.restapi.allowed_client_names,
+        },
+        "ctl": {
+            "client": tls(&c.ctl.client),
+            "cacert": path(&c.ctl.cacert),
+            "authentication": auth(&c.ctl.authentication),
+        },
+        "etcd3": {
+            "endpoints": c.etcd.endpoints,
+            "cacert": path(&c.etcd.cacert),
+            "client": tls(&c.etcd.client),
+        },
+        "bootstrap": {
+            "dcs": c.bootstrap.dcs,
+            "initdb": c.bootstrap.initdb,
+        },
+        "postgresql": {
+            "listen": c.postgresql.listen.to_string(),
+            "connect_address": c.postgresql.connect_address,
+            "data_dir": c.postgresql.data_dir.display().to_string(),
+            "config_dir": c.postgresql.config_dir.display().to_string(),
+            "bin_dir": path(&c.postgresql.bin_dir),
+            "pgpass": path(&c.postgresql.pgpass),
+            "authentication": {
+                "superuser": role(&c.postgresql.authentication.superuser),
+                "replication": role(&c.postgresql.authentication.replication),
+                "rewind": role(&c.postgresql.authentication.rewind),
+            },
+            "parameters": c.postgresql.parameters.iter().map(|(k, v)| (k.to_string(), Value::from(v.as_str()))).collect::<Map<_, _>>(),
+            "pg_hba": c.postgresql.pg_hba,
+            "pg_ident": c.postgresql.pg_ident,
+            "use_pg_rewind": c.postgresql.use_pg_rewind,
+            "pg_ctl_timeout": c.postgresql.pg_ctl_timeout,
+        },
+        "tags": c.tags,
+        "watchdog": {
+            "mode": format!("{:?}", c.watchdog.mode).to_lowercase(),
+            "device": c.watchdog.device.display().to_string(),
+            "safety_margin": c.watchdog.safety_margin,
+        },
+        "log": {"level": c.log.level, "format": format!("{:?}", c.log.format).to_lowercase()},
+        "pgkeep": {
+            "dynamic_parameter_allowlist": c.dynamic_parameter_allowlist.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "insecure": c.insecure.active(),
+        },
+    });
+    serde_saphyr::to_string(&doc).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}

@@ -1,0 +1,10 @@
+//! pgkeep: the IO shell around `pgkeep-core`.
+//!
+//! Modules here talk to the outside world (files, etcd, PostgreSQL, the network). Decisions are
+//! made in `pgkeep_core`; this crate gathers observations and carries out actions.
+
+pub mod cli;
+pub mod config;
+pub mod dcs;
+pub mod fsutil;
+pub mod pki;

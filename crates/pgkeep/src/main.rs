@@ -1,0 +1,48 @@
+//! The `pgkeep` binary: argument parsing and dispatch. Exit status: 0 success, 1 failure
+//! (the error and its causes are printed to stderr), 2 usage error (from clap).
+
+use clap::{Parser, Subcommand};
+use pgkeep::cli;
+
+/// pgkeep: a secure, highly available PostgreSQL cluster manager.
+#[derive(Debug, Parser)]
+#[command(name = "pgkeep", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate configuration files.
+    Config(cli::config::ConfigArgs),
+    /// Certificate authority and certificates.
+    Pki(cli::pki::PkiArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    // One crypto provider for every TLS user in the process (rustls, tonic, reqwest).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Cli::parse();
+    let result = match args.command {
+        Command::Config(a) => cli::config::run(a),
+        Command::Pki(a) => cli::pki::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,6 @@
+//! The one integration-test binary. Each module is a scenario against real components.
+
+mod config;
+mod dcs;
+mod harness;
+mod pki;
