@@ -7,4 +7,5 @@
 
 pub mod cluster;
 pub mod ha;
+pub mod pgconf;
 pub mod policy;
