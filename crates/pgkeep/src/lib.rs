@@ -8,3 +8,4 @@ pub mod config;
 pub mod dcs;
 pub mod fsutil;
 pub mod pki;
+pub mod postgres;
