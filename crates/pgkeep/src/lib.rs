@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod dcs;
 pub mod fsutil;
+pub mod inventory;
 pub mod pki;
 pub mod postgres;
