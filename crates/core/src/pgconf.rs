@@ -226,6 +226,90 @@ pub fn login_role_sql(name: &str, verifier: &str, attrs: &str) -> Option<Vec<Str
     ])
 }
 
+/// The physical slot name for a member, as Patroni derives it: lower-case, every character
+/// outside `[a-z0-9_]` replaced by `_`, at most 63 bytes.
+pub fn slot_name_for(member: &str) -> String {
+    member
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect()
+}
+
+/// Quotes one libpq connection-string value: single quotes, with `\` and `'` escaped.
+pub fn conninfo_quote(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('\'');
+    for c in v.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+/// How a standby reaches its upstream: by name (checked against the server certificate with
+/// `verify-full`), authenticating with its client certificate. No password is involved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The upstream's host name (as in its `conn_url`).
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// This member's name (`application_name`, so the primary's walsender carries it).
+    pub application_name: String,
+    /// The replication role.
+    pub user: String,
+    /// Client certificate.
+    pub sslcert: String,
+    /// Client key.
+    pub sslkey: String,
+    /// CA.
+    pub sslrootcert: String,
+}
+
+impl Upstream {
+    /// The libpq connection string.
+    pub fn conninfo(&self) -> String {
+        [
+            ("host", self.host.as_str()),
+            ("port", &self.port.to_string()),
+            ("user", self.user.as_str()),
+            ("application_name", self.application_name.as_str()),
+            ("sslmode", "verify-full"),
+            ("sslcert", self.sslcert.as_str()),
+            ("sslkey", self.sslkey.as_str()),
+            ("sslrootcert", self.sslrootcert.as_str()),
+            ("target_session_attrs", "any"),
+            ("connect_timeout", "5"),
+        ]
+        .iter()
+        .map(|(k, v)| format!("{k}={}", conninfo_quote(v)))
+        .collect::<Vec<_>>()
+        .join(" ")
+    }
+}
+
+/// The settings that make a node a standby of `upstream`, streaming through its own slot.
+pub fn standby_settings(upstream: &Upstream, slot: Option<&str>) -> Parameters {
+    let mut p = Parameters::new();
+    set(&mut p, "primary_conninfo", &upstream.conninfo());
+    if let Some(slot) = slot {
+        set(&mut p, "primary_slot_name", slot);
+    }
+    set(&mut p, "recovery_target_timeline", "latest");
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +422,36 @@ mod tests {
         assert!(login_role_sql("app", "SCRAM-SHA-256$4096:x'y", "").is_none());
         let sql = login_role_sql("app", "SCRAM-SHA-256$4096:abc$def:ghi", "NOSUPERUSER").unwrap();
         assert!(sql[1].ends_with("PASSWORD 'SCRAM-SHA-256$4096:abc$def:ghi'"));
+    }
+    #[test]
+    fn slot_names_follow_patroni() {
+        assert_eq!(slot_name_for("Node-1.a"), "node_1_a");
+        assert_eq!(slot_name_for(&"x".repeat(80)).len(), 63);
+    }
+
+    #[test]
+    fn conninfo_is_quoted_and_passwordless() {
+        let u = Upstream {
+            host: "n1.demo.internal".into(),
+            port: 25433,
+            application_name: "n2".into(),
+            user: "replicator".into(),
+            sslcert: "/etc/pg k/it's.crt".into(),
+            sslkey: "/k".into(),
+            sslrootcert: "/ca".into(),
+        };
+        let c = u.conninfo();
+        assert!(c.starts_with(
+            "host='n1.demo.internal' port='25433' user='replicator' application_name='n2'"
+        ));
+        assert!(c.contains("sslcert='/etc/pg k/it\\'s.crt'"), "{c}");
+        assert!(c.contains("sslmode='verify-full'") && !c.contains("password"));
+        let text = render_conf("", &standby_settings(&u, Some("n2")));
+        assert!(text.contains("primary_slot_name = 'n2'"));
+        // The conninfo's own quotes are doubled inside the postgresql.conf literal.
+        assert!(
+            text.contains("primary_conninfo = 'host=''n1.demo.internal''"),
+            "{text}"
+        );
     }
 }
