@@ -175,7 +175,7 @@ impl Inventory {
         if self.database_hosts.is_empty() {
             return err("database_hosts".into(), "list at least one database host");
         }
-        if self.etcd_hosts.is_empty() || self.etcd_hosts.len() % 2 == 0 {
+        if self.etcd_hosts.is_empty() || self.etcd_hosts.len().is_multiple_of(2) {
             return err(
                 "etcd_hosts".into(),
                 "list an odd number of etcd members (1, 3 or 5)",
