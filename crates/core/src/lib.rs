@@ -7,5 +7,6 @@
 
 pub mod cluster;
 pub mod ha;
+pub mod health;
 pub mod pgconf;
 pub mod policy;

@@ -1,5 +1,6 @@
 //! The one integration-test binary. Each module is a scenario against real components.
 
+mod api;
 mod config;
 mod dcs;
 mod harness;

@@ -1,0 +1,178 @@
+//! The agent's REST API: Patroni's endpoints over HTTPS, with authentication.
+//!
+//! HAProxy, F5, vip-manager, Kubernetes probes and `patronictl` talk to this server as they
+//! would to Patroni's. The status-code rules of the health checks are the pure function
+//! [`pgkeep_core::health`]; this module is the network around it.
+//!
+//! # Where the answers come from
+//!
+//! The agent publishes an [`ApiSnapshot`] through a `tokio::sync::watch` channel after every HA
+//! cycle (and whenever the DCS view changes). Handlers only read the latest snapshot: no SQL
+//! query and no etcd call happens per request, so a flood of health checks cannot slow the HA
+//! loop or PostgreSQL down. Time-dependent answers are computed at request time from deadlines
+//! in the snapshot, not from booleans that could go stale if the HA loop hangs:
+//!
+//! - `/primary` (and `/`, `/leader`, `/read-write`...) answers 200 only while `now <`
+//!   [`ApiSnapshot::lease_deadline`]; a snapshot published while the lock was held stops
+//!   counting the moment the lease deadline passes, whether or not a new snapshot arrives.
+//! - The DCS view counts as fresh only until [`ApiSnapshot::dcs_fresh_until`].
+//! - `/liveness` answers 200 only until [`ApiSnapshot::loop_deadline`] (or while paused).
+//!
+//! # Endpoints
+//!
+//! | request | auth | answer |
+//! |---|---|---|
+//! | `GET`/`HEAD`/`OPTIONS` on any other path (`/`, `/primary`, `/replica?lag=..`, `/read-only`, `/health`, `/sync`, ...) | none | 200/503 by [`pgkeep_core::health::check`]; body `{}` |
+//! | `GET /liveness`, `GET /readiness` (also `HEAD`/`OPTIONS`) | none | 200/503; body `{}` |
+//! | `GET /patroni` | required | 200 + status JSON |
+//! | `GET /cluster` | required | 200 + cluster JSON (from the cached DCS view) |
+//! | `GET /history` | required | 200 + timeline history array |
+//! | `GET /config` | required | 200 + dynamic configuration, 502 when missing or invalid |
+//!
+//! `HEAD` and `OPTIONS` answers carry no body. Errors are JSON `{"error": "..."}`.
+//!
+//! # Where pgkeep deliberately differs from Patroni
+//!
+//! - **Anonymous health answers describe nothing.** Patroni returns the full status JSON (member
+//!   name, scope, LSNs, replication peers, tags...) with every health check; pgkeep returns `{}`.
+//!   A caller that passes the access check of the protected endpoints (see [`auth`]) gets the
+//!   full status JSON on `GET` health checks too, so tools written for Patroni keep working
+//!   when given credentials.
+//! - **Descriptive endpoints need authentication.** `/patroni`, `/cluster`, `/history` and
+//!   `/config` are behind the same access check as the state-changing endpoints (Patroni leaves
+//!   every `GET` open). With nothing configured to authenticate callers, they answer 403
+//!   `no authentication configured` instead of being open. `HEAD /patroni` therefore is 401/403
+//!   without credentials (Patroni: 503, treating it as a health check of an unknown path).
+//! - **Malformed queries are refused.** `lag=abc` or `mode=fast` answer 400 with a JSON error
+//!   (Patroni ignores an unparseable `lag`, which silently turns a lag-limited check into an
+//!   unlimited one). Empty values (`lag=`) are still treated as absent.
+//! - **HTTP/1.1 with keep-alive** instead of HTTP/1.0 with one connection per request. Responses
+//!   have a `Content-Length`, are written in one piece (`writev` off, TCP_NODELAY on).
+//! - `HEAD`/`OPTIONS` answers carry the usual HTTP headers (Patroni sends a bare status line);
+//!   `HEAD`/`OPTIONS /liveness` and `/readiness` answer like their `GET` (Patroni: 503).
+//! - Unknown `GET` paths answer 503 like Patroni's generic health check (not 404); other
+//!   methods on unknown paths answer 501 and unsupported methods on known paths 405, with a
+//!   JSON error.
+//! - `/cluster`, `/history` and `/config` come from the agent's cached, watched DCS view, not
+//!   from a fresh etcd read per request; with no view yet they answer 503.
+//! - The basic-auth realm is `pgkeep`.
+
+pub mod auth;
+pub mod client;
+mod handlers;
+pub mod json;
+mod server;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pgkeep_core::cluster::{ClusterView, Lsn};
+use pgkeep_core::health::{NodeHealth, PgRole, SyncMembership};
+
+pub use client::{ApiClient, ApiClientBuilder, ApiResponse};
+pub use json::{MemberStatus, PatroniInfo, ReplicationInfo, Xlog};
+pub use server::{ApiError, BoundServer, serve};
+
+/// The Patroni version pgkeep reports in `patroni.version` and member keys: new enough that
+/// Patroni tools take their modern code paths.
+pub const PATRONI_COMPAT_VERSION: &str = "4.1.4";
+
+/// pgkeep's own version, reported as `pgkeep_version`.
+pub const PGKEEP_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Everything the REST API answers from, published by the agent. Cheap to clone behind an
+/// [`Arc`]; handlers never modify it.
+#[derive(Debug, Clone)]
+pub struct ApiSnapshot {
+    /// The status JSON of `GET /patroni` (including `patroni.{version, scope, name}`). Its
+    /// `state`, `role`, `replication_state`, `xlog`, `tags`, `pause`, `sync_standby`,
+    /// `quorum_standby` and `failsafe_mode_is_active` are also the health rules' inputs.
+    pub status: MemberStatus,
+    /// While this node holds the leader lock: when the hold ends (last acknowledged keepalive +
+    /// granted TTL − safety margin, on the monotonic clock). `None` when it does not hold it.
+    pub lease_deadline: Option<Instant>,
+    /// Until when the cached DCS view counts as fresh (last successful read + `ttl`).
+    pub dcs_fresh_until: Option<Instant>,
+    /// Until when the HA loop counts as alive: its next scheduled run + `ttl` on a running
+    /// primary, + `2 × ttl` otherwise. `None`: not started yet (liveness fails unless paused).
+    pub loop_deadline: Option<Instant>,
+    /// `pg_stat_wal_receiver.latest_end_lsn` (replicas).
+    pub latest_end_lsn: Option<Lsn>,
+    /// The cluster is a standby cluster.
+    pub standby_cluster: bool,
+    /// `maximum_lag_on_failover` in bytes (default `lag` of `/readiness`).
+    pub maximum_lag_on_failover: u64,
+    /// The latest DCS view, for `/cluster`, `/history`, `/config` and the cluster optime.
+    pub cluster: Option<Arc<ClusterView>>,
+    /// Addresses of the cluster's members (resolved by the agent from their `api_url` hosts),
+    /// for `restapi.allowlist_include_members`. IP literals in `api_url` are taken from the
+    /// view directly and need not be listed.
+    pub member_addrs: Vec<IpAddr>,
+}
+
+impl ApiSnapshot {
+    /// A snapshot of a node that knows nothing yet: PostgreSQL state `unknown`, no lock, no
+    /// view. Every health check answers 503.
+    pub fn new(scope: &str, name: &str) -> ApiSnapshot {
+        ApiSnapshot {
+            status: MemberStatus::new(scope, name),
+            lease_deadline: None,
+            dcs_fresh_until: None,
+            loop_deadline: None,
+            latest_end_lsn: None,
+            standby_cluster: false,
+            maximum_lag_on_failover: 1 << 20,
+            cluster: None,
+            member_addrs: Vec::new(),
+        }
+    }
+
+    /// This member's name.
+    pub fn name(&self) -> &str {
+        &self.status.patroni.name
+    }
+
+    /// The cluster's name.
+    pub fn scope(&self) -> &str {
+        &self.status.patroni.scope
+    }
+
+    /// The health rules' inputs as of `now`.
+    pub fn node_health(&self, now: Instant) -> NodeHealth {
+        let s = &self.status;
+        let dcs_view_fresh = self.dcs_fresh_until.is_some_and(|t| now < t);
+        let (received_lsn, replayed_lsn) = match &s.xlog {
+            Some(Xlog::Replica {
+                received_location,
+                replayed_location,
+                ..
+            }) => (Some(*received_location), Some(*replayed_location)),
+            _ => (None, None),
+        };
+        NodeHealth {
+            holds_lease: self.lease_deadline.is_some_and(|t| now < t),
+            standby_cluster: self.standby_cluster,
+            pg_running: s.state == "running",
+            pg_role: PgRole::from_patroni(&s.role),
+            replication_state: s.replication_state.clone(),
+            received_lsn,
+            replayed_lsn,
+            latest_end_lsn: self.latest_end_lsn,
+            cluster_optime: self.cluster.as_ref().and_then(|c| c.status.optime),
+            tags: s.tags.clone(),
+            sync: if s.quorum_standby {
+                SyncMembership::Quorum
+            } else if s.sync_standby {
+                SyncMembership::Sync
+            } else {
+                SyncMembership::None
+            },
+            dcs_view_fresh,
+            paused: s.pause,
+            failsafe_active: s.failsafe_mode_is_active,
+            loop_healthy: self.loop_deadline.is_some_and(|t| now < t),
+            maximum_lag_on_failover: self.maximum_lag_on_failover,
+        }
+    }
+}
