@@ -6,6 +6,7 @@
 //! and deterministic simulations instead of mocks.
 
 pub mod cluster;
+pub mod dynamic;
 pub mod ha;
 pub mod health;
 pub mod pgconf;

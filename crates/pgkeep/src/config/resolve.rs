@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use pgkeep_core::cluster::Tags;
+use pgkeep_core::dynamic::{self, DynamicError};
+use pgkeep_core::ha::HaConfig;
 use pgkeep_core::policy::{self, Admission, GucName, LocalOnlyReason};
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
@@ -163,12 +165,48 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         client,
     };
 
+    let mut dynamic_parameter_allowlist = BTreeSet::new();
+    for (i, n) in raw_pgkeep.dynamic_parameter_allowlist.iter().enumerate() {
+        let key = format!("pgkeep.dynamic_parameter_allowlist[{i}]");
+        let name = GucName::parse(n).map_err(|e| err(&key, e.to_string()))?;
+        let probe: BTreeSet<_> = [name.clone()].into();
+        if let Admission::LocalOnly(reason) = policy::admission(&name, &probe) {
+            debug_assert_ne!(reason, LocalOnlyReason::NotAllowlisted);
+            return Err(err(
+                &key,
+                format!("{name} cannot be opened to dynamic configuration: {reason}"),
+            ));
+        }
+        dynamic_parameter_allowlist.insert(name);
+    }
+
     // Bootstrap
     let bootstrap = match raw.bootstrap {
         None => Bootstrap::default(),
         Some(b) => {
             let dcs = b.dcs.unwrap_or_default();
-            check_timing(&dcs).map_err(|(k, r)| err(&format!("bootstrap.dcs.{k}"), r))?;
+            let key = match dynamic::interpret(
+                &dcs,
+                &HaConfig::default(),
+                &dynamic_parameter_allowlist,
+            ) {
+                Err(DynamicError::BadValue { key, reason }) => Some((key, reason)),
+                Err(e @ DynamicError::Unsafe(_)) => Some(("ttl".to_owned(), e.to_string())),
+                // A key the policy would drop from the DCS is a mistake in the local file: say
+                // so now rather than let it vanish silently at bootstrap.
+                Ok(d) => d.dropped.into_iter().find(|k| k.security).map(|k| {
+                    (
+                        k.path,
+                        format!(
+                            "{}; set it in the local configuration instead of bootstrap.dcs",
+                            k.reason
+                        ),
+                    )
+                }),
+            };
+            if let Some((k, reason)) = key {
+                return Err(err(&format!("bootstrap.dcs.{k}"), reason));
+            }
             let initdb = b
                 .initdb
                 .iter()
@@ -271,21 +309,6 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
             .and_then(|l| l.format)
             .unwrap_or(LogFormat::Text),
     };
-
-    let mut dynamic_parameter_allowlist = BTreeSet::new();
-    for (i, n) in raw_pgkeep.dynamic_parameter_allowlist.iter().enumerate() {
-        let key = format!("pgkeep.dynamic_parameter_allowlist[{i}]");
-        let name = GucName::parse(n).map_err(|e| err(&key, e.to_string()))?;
-        let probe: BTreeSet<_> = [name.clone()].into();
-        if let Admission::LocalOnly(reason) = policy::admission(&name, &probe) {
-            debug_assert_ne!(reason, LocalOnlyReason::NotAllowlisted);
-            return Err(err(
-                &key,
-                format!("{name} cannot be opened to dynamic configuration: {reason}"),
-            ));
-        }
-        dynamic_parameter_allowlist.insert(name);
-    }
 
     Ok(Config {
         source: file.to_owned(),
@@ -444,35 +467,6 @@ fn pg_role(
         client,
         sslrootcert: r.sslrootcert,
     })
-}
-
-/// `loop_wait + 2 * retry_timeout <= ttl`, so a primary cut off from etcd demotes itself before
-/// its lease can expire. Patroni silently rewrites bad values; pgkeep refuses them.
-fn check_timing(dcs: &Map<String, Value>) -> Result<(), (String, String)> {
-    let get = |k: &str, default: u64| -> Result<u64, (String, String)> {
-        match dcs.get(k) {
-            None => Ok(default),
-            Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
-                (
-                    k.to_owned(),
-                    format!("must be a positive whole number of seconds, not {v}"),
-                )
-            }),
-        }
-    };
-    let ttl = get("ttl", 30)?;
-    let loop_wait = get("loop_wait", 10)?;
-    let retry_timeout = get("retry_timeout", 10)?;
-    if loop_wait + 2 * retry_timeout > ttl {
-        return Err((
-            "ttl".into(),
-            format!(
-                "loop_wait ({loop_wait}) + 2 * retry_timeout ({retry_timeout}) must not exceed ttl ({ttl}), \
-                 or a primary cut off from etcd could outlive its lease"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// One `bootstrap.initdb` entry: `flag` or `{option: value}`, as Patroni writes them.

@@ -154,7 +154,7 @@ fn each_bad_input_names_file_key_and_reason() {
             "    ttl: 10",
             "    ttl: 5",
             "bootstrap.dcs.ttl",
-            "must not exceed ttl",
+            "exceeds ttl",
         ),
         (
             "    - hostssl all all 127.0.0.0/8 scram-sha-256",
@@ -167,6 +167,12 @@ fn each_bad_input_names_file_key_and_reason() {
             "    - host all all 0.0.0.0/0 scram-sha-256",
             "postgresql.pg_hba[0]",
             "without TLS",
+        ),
+        (
+            "        work_mem: 16MB",
+            "        archive_command: /bin/true",
+            "bootstrap.dcs.postgresql.parameters.archive_command",
+            "local configuration",
         ),
         (
             "    pgaudit.log: ddl,role",
