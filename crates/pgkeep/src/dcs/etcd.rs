@@ -74,14 +74,6 @@ fn get_result(resp: &TxnResponse) -> Option<etcd_client::KeyValue> {
     })?
 }
 
-/// The nested txn response in the `or_else` branch of a txn.
-fn nested(resp: &TxnResponse) -> Option<TxnResponse> {
-    resp.op_responses().into_iter().find_map(|r| match r {
-        TxnOpResponse::Txn(t) => Some(t),
-        _ => None,
-    })
-}
-
 /// A member name must make exactly one key under `members/`.
 fn check_member_name(name: &str) -> Result<(), DcsError> {
     if name.is_empty() || name.contains('/') {
@@ -337,7 +329,7 @@ impl Dcs for EtcdDcs {
         }
     }
 
-    async fn acquire_leader(&self, name: &str, lease: i64) -> Result<bool, DcsError> {
+    async fn acquire_leader(&self, name: &str, lease: i64) -> Result<Option<i64>, DcsError> {
         let key = self.key(&DcsKey::Leader);
         let txn = Txn::new()
             .when(vec![Compare::create_revision(
@@ -352,48 +344,26 @@ impl Dcs for EtcdDcs {
             )])
             .or_else(vec![TxnOp::get(key, None)]);
         let (resp, _) = self.txn("acquire_leader", Some(lease), txn).await?;
+        if resp.succeeded() {
+            return Ok(Some(header_revision(&resp)));
+        }
         // Not created: still ours if an earlier, unanswered attempt created it.
-        Ok(resp.succeeded()
-            || get_result(&resp)
-                .is_some_and(|kv| kv.value() == name.as_bytes() && kv.lease() == lease))
+        Ok(get_result(&resp)
+            .filter(|kv| kv.value() == name.as_bytes() && kv.lease() == lease)
+            .map(|kv| kv.mod_revision()))
     }
 
-    async fn renew_leader(&self, name: &str, lease: i64) -> Result<bool, DcsError> {
+    async fn renew_leader(&self, name: &str, lease: i64) -> Result<Option<i64>, DcsError> {
         let key = self.key(&DcsKey::Leader);
-        let put = || TxnOp::put(key.clone(), name, Some(PutOptions::new().with_lease(lease)));
-        let recreate = Txn::new()
-            .when(vec![Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![put()]);
-        let reattach = Txn::new()
-            .when(vec![Compare::value(key.clone(), CompareOp::Equal, name)])
-            .and_then(vec![put()])
-            .or_else(vec![TxnOp::txn(recreate)]);
         let txn = Txn::new()
-            .when(vec![
-                Compare::value(key.clone(), CompareOp::Equal, name),
-                Compare::lease(key.clone(), CompareOp::Equal, lease),
-            ])
-            .or_else(vec![TxnOp::txn(reattach)]);
+            .when(vec![Compare::value(key.clone(), CompareOp::Equal, name)])
+            .and_then(vec![TxnOp::put(
+                key,
+                name,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
         let (resp, _) = self.txn("renew_leader", Some(lease), txn).await?;
-        if resp.succeeded() {
-            return Ok(true);
-        }
-        let Some(reattach) = nested(&resp) else {
-            return Ok(false);
-        };
-        if reattach.succeeded() {
-            tracing::info!(%name, lease = format_args!("{lease:x}"), "re-attached the leader key to the current lease");
-            return Ok(true);
-        }
-        let recreated = nested(&reattach).is_some_and(|t| t.succeeded());
-        if recreated {
-            tracing::warn!(%name, "the leader key had expired; re-created it");
-        }
-        Ok(recreated)
+        Ok(resp.succeeded().then(|| header_revision(&resp)))
     }
 
     async fn release_leader(&self, name: &str) -> Result<bool, DcsError> {
@@ -421,7 +391,7 @@ impl Dcs for EtcdDcs {
         Ok(self.delete("delete_member", key, false).await? > 0)
     }
 
-    async fn race_initialize(&self) -> Result<bool, DcsError> {
+    async fn race_initialize(&self, lease: i64) -> Result<bool, DcsError> {
         let key = self.key(&DcsKey::Initialize);
         let txn = Txn::new()
             .when(vec![Compare::create_revision(
@@ -429,14 +399,35 @@ impl Dcs for EtcdDcs {
                 CompareOp::Equal,
                 0,
             )])
-            .and_then(vec![TxnOp::put(key, "", None)]);
-        Ok(self.txn("race_initialize", None, txn).await?.0.succeeded())
+            .and_then(vec![TxnOp::put(
+                key.clone(),
+                "",
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else(vec![TxnOp::get(key, None)]);
+        let (resp, _) = self.txn("race_initialize", Some(lease), txn).await?;
+        Ok(resp.succeeded()
+            || get_result(&resp).is_some_and(|kv| kv.value().is_empty() && kv.lease() == lease))
     }
 
-    async fn set_initialize(&self, sysid: &str) -> Result<(), DcsError> {
+    async fn set_initialize(&self, sysid: &str, create_only: bool) -> Result<bool, DcsError> {
         let key = self.key(&DcsKey::Initialize);
-        self.put("set_initialize", key, sysid.as_bytes().to_vec(), None)
-            .await
+        if !create_only {
+            self.put("set_initialize", key, sysid.as_bytes().to_vec(), None)
+                .await?;
+            return Ok(true);
+        }
+        let expect = Expect::Absent;
+        Ok(matches!(
+            self.cas(
+                "set_initialize",
+                key,
+                Some(sysid.as_bytes().to_vec()),
+                expect
+            )
+            .await?,
+            Cas::Written { .. }
+        ))
     }
 
     async fn cancel_initialize(&self) -> Result<(), DcsError> {

@@ -215,22 +215,25 @@ pub trait Dcs: Send + Sync {
     fn revoke(&self, lease: i64) -> impl Future<Output = Result<(), DcsError>> + Send;
 
     /// Takes the leader key if nobody holds it: creates `leader = name` attached to `lease`.
-    /// True when the key says `name` on `lease` afterwards (created now, by an earlier
-    /// unanswered attempt of this call, or already held); false when someone else holds it.
+    /// Returns the key's `mod_revision` when it says `name` on `lease` afterwards (created now,
+    /// by an earlier unanswered attempt of this call, or already held); `None` when someone else
+    /// holds it.
     fn acquire_leader(
         &self,
         name: &str,
         lease: i64,
-    ) -> impl Future<Output = Result<bool, DcsError>> + Send;
+    ) -> impl Future<Output = Result<Option<i64>, DcsError>> + Send;
 
-    /// Keeps holding the leader key: true when it says `name` on `lease` afterwards. Writes only
-    /// when needed: re-attaches the key to `lease` when it says `name` on another lease, and
-    /// re-creates it when it is absent (Patroni's renewal). False when another member holds it.
+    /// One renewal of a held leader key: `value(leader) == name → put(leader, name, lease)`.
+    /// Every renewal writes, so every watcher sees a new revision per renewal (the HA core's
+    /// takeover guard counts from the last revision it saw). Returns the new `mod_revision`, or
+    /// `None` when the key no longer says `name`. A vanished key is never re-created here: a
+    /// holder that lost its key must race again like everyone else.
     fn renew_leader(
         &self,
         name: &str,
         lease: i64,
-    ) -> impl Future<Output = Result<bool, DcsError>> + Send;
+    ) -> impl Future<Output = Result<Option<i64>, DcsError>> + Send;
 
     /// Deletes the leader key if it says `name`. True when it was deleted.
     fn release_leader(&self, name: &str) -> impl Future<Output = Result<bool, DcsError>> + Send;
@@ -246,11 +249,19 @@ pub trait Dcs: Send + Sync {
     /// Deletes `members/<name>` (operator tooling). True when it existed.
     fn delete_member(&self, name: &str) -> impl Future<Output = Result<bool, DcsError>> + Send;
 
-    /// The bootstrap race: writes `initialize = ""` if the key is absent. True for the winner.
-    fn race_initialize(&self) -> impl Future<Output = Result<bool, DcsError>> + Send;
+    /// The bootstrap race: writes `initialize = ""` attached to `lease` if the key is absent, so
+    /// a claimant that dies mid-bootstrap releases the claim. True for the winner (also when the
+    /// key already holds `""` on this lease).
+    fn race_initialize(&self, lease: i64) -> impl Future<Output = Result<bool, DcsError>> + Send;
 
-    /// Writes the system identifier to `initialize` (unconditionally, after bootstrap).
-    fn set_initialize(&self, sysid: &str) -> impl Future<Output = Result<(), DcsError>> + Send;
+    /// Writes the system identifier to `initialize`, without a lease (it outlives every node).
+    /// With `create_only` the write happens only if the key is absent; the result says whether
+    /// it was written.
+    fn set_initialize(
+        &self,
+        sysid: &str,
+        create_only: bool,
+    ) -> impl Future<Output = Result<bool, DcsError>> + Send;
 
     /// Deletes `initialize` (a failed bootstrap gives up its win).
     fn cancel_initialize(&self) -> impl Future<Output = Result<(), DcsError>> + Send;

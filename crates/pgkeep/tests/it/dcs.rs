@@ -141,7 +141,7 @@ fn dcs_operations_on_real_etcd() {
             "an idle watch stays live" => idle_watch_stays_live,
             "a compacted start revision is signalled" => compacted_start_revision_is_signalled,
             "second acquirer loses the race" => second_acquirer_loses,
-            "renew re-attaches and re-creates" => renew_reattaches,
+            "renew writes every time and never re-creates" => renew_writes_every_time_and_never_recreates,
             "config CAS detects a concurrent change" => config_cas,
             "sync and failover CAS" => sync_and_failover_cas,
             "values are Patroni's wire format" => wire_format,
@@ -207,7 +207,7 @@ async fn lease_expiry_deletes_leader(etcd: &EtcdCluster) {
     let mut watch = dcs.watch();
     watch.ready(WAIT).await.unwrap();
     let lease = dcs.grant_lease(2).await.unwrap();
-    assert!(dcs.acquire_leader("n1", lease.id).await.unwrap());
+    assert!(dcs.acquire_leader("n1", lease.id).await.unwrap().is_some());
     dcs.put_member("n1", &member("primary"), lease.id)
         .await
         .unwrap();
@@ -248,7 +248,11 @@ async fn idle_watch_stays_live(etcd: &EtcdCluster) {
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let state = watch.state();
     assert!(state.live && state.restarts == 0, "{state:?}");
-    dcs.set_initialize("7301234567890123456").await.unwrap();
+    assert!(
+        dcs.set_initialize("7301234567890123456", false)
+            .await
+            .unwrap()
+    );
     wait_view(&mut watch, "a write after idling", |s| {
         s.view.initialize.is_some()
     })
@@ -301,56 +305,58 @@ async fn second_acquirer_loses(etcd: &EtcdCluster) {
     let la = a.grant_lease(10).await.unwrap();
     let lb = b.grant_lease(10).await.unwrap();
     let (ra, rb) = tokio::join!(a.acquire_leader("a", la.id), b.acquire_leader("b", lb.id));
-    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    let (ra, rb) = (ra.unwrap().is_some(), rb.unwrap().is_some());
     assert!(ra ^ rb, "exactly one acquirer wins: a={ra} b={rb}");
     let (winner, wl, loser, ll, wname, lname) = if ra {
         (&a, la, &b, lb, "a", "b")
     } else {
         (&b, lb, &a, la, "b", "a")
     };
-    assert!(!loser.acquire_leader(lname, ll.id).await.unwrap());
+    assert!(loser.acquire_leader(lname, ll.id).await.unwrap().is_none());
     assert!(
-        winner.acquire_leader(wname, wl.id).await.unwrap(),
+        winner.acquire_leader(wname, wl.id).await.unwrap().is_some(),
         "holder re-acquiring"
     );
-    assert!(!loser.renew_leader(lname, ll.id).await.unwrap());
-    assert!(winner.renew_leader(wname, wl.id).await.unwrap());
+    assert!(loser.renew_leader(lname, ll.id).await.unwrap().is_none());
+    assert!(winner.renew_leader(wname, wl.id).await.unwrap().is_some());
     assert!(!loser.release_leader(lname).await.unwrap());
     let snap = loser.load().await.unwrap();
     let leader = snap.view.leader.expect("leader key");
     assert_eq!((leader.name.as_str(), leader.lease), (wname, wl.id));
     assert!(winner.release_leader(wname).await.unwrap());
-    assert!(loser.acquire_leader(lname, ll.id).await.unwrap());
+    assert!(loser.acquire_leader(lname, ll.id).await.unwrap().is_some());
     a.revoke(la.id).await.unwrap();
     b.revoke(lb.id).await.unwrap();
 }
 
-async fn renew_reattaches(etcd: &EtcdCluster) {
+async fn renew_writes_every_time_and_never_recreates(etcd: &EtcdCluster) {
     let dcs = connect(etcd, "renew").await;
     let old = dcs.grant_lease(10).await.unwrap();
-    assert!(dcs.acquire_leader("n1", old.id).await.unwrap());
-    let rev_before = dcs.load().await.unwrap().view.leader.unwrap().mod_revision;
-    // Held on the same lease: nothing is written.
-    assert!(dcs.renew_leader("n1", old.id).await.unwrap());
+    let acquired = dcs.acquire_leader("n1", old.id).await.unwrap().unwrap();
     assert_eq!(
         dcs.load().await.unwrap().view.leader.unwrap().mod_revision,
-        rev_before
+        acquired
     );
-    // A new lease (TTL changed): the key moves to it.
+    // Every renewal is a write: watchers see a new revision each time.
+    let r1 = dcs.renew_leader("n1", old.id).await.unwrap().unwrap();
+    let r2 = dcs.renew_leader("n1", old.id).await.unwrap().unwrap();
+    assert!(acquired < r1 && r1 < r2, "{acquired} {r1} {r2}");
+    assert_eq!(
+        dcs.load().await.unwrap().view.leader.unwrap().mod_revision,
+        r2
+    );
+    // A new lease (TTL changed): the renewal moves the key to it.
     let new = dcs.grant_lease(10).await.unwrap();
-    assert!(dcs.renew_leader("n1", new.id).await.unwrap());
-    let leader = dcs.load().await.unwrap().view.leader.unwrap();
-    assert_eq!(leader.lease, new.id);
-    // The key expired (here: its lease revoked) and nobody took it: re-created.
+    assert!(dcs.renew_leader("n1", new.id).await.unwrap().is_some());
+    assert_eq!(dcs.load().await.unwrap().view.leader.unwrap().lease, new.id);
+    // The key expired (here: its lease revoked): renewal does not bring it back.
     dcs.revoke(new.id).await.unwrap();
     let third = dcs.grant_lease(10).await.unwrap();
-    assert!(dcs.renew_leader("n1", third.id).await.unwrap());
-    assert_eq!(
-        dcs.load().await.unwrap().view.leader.unwrap().lease,
-        third.id
-    );
+    assert!(dcs.renew_leader("n1", third.id).await.unwrap().is_none());
+    assert!(dcs.load().await.unwrap().view.leader.is_none());
     dcs.revoke(old.id).await.unwrap();
     dcs.revoke(third.id).await.unwrap();
+    assert!(dcs.load().await.unwrap().view.pending_failover().is_none());
 }
 
 fn config(ttl: i64) -> serde_json::Map<String, serde_json::Value> {
@@ -460,9 +466,10 @@ async fn wire_format(etcd: &EtcdCluster) {
     let base = dcs.base().to_owned();
     assert_eq!(base, "/service/wire");
     let lease = dcs.grant_lease(10).await.unwrap();
-    assert!(dcs.race_initialize().await.unwrap());
+    let other = dcs.grant_lease(10).await.unwrap();
+    assert!(dcs.race_initialize(lease.id).await.unwrap());
     assert!(
-        !dcs.race_initialize().await.unwrap(),
+        !dcs.race_initialize(other.id).await.unwrap(),
         "the second racer loses"
     );
     assert_eq!(
@@ -476,7 +483,11 @@ async fn wire_format(etcd: &EtcdCluster) {
         dcs.load().await.unwrap().view.initialize,
         Some(Initialize::InProgress)
     );
-    dcs.set_initialize("7301234567890123456").await.unwrap();
+    assert!(
+        dcs.set_initialize("7301234567890123456", false)
+            .await
+            .unwrap()
+    );
     assert_eq!(
         raw_get(&dcs, &format!("{base}/initialize"))
             .await
@@ -484,7 +495,12 @@ async fn wire_format(etcd: &EtcdCluster) {
             .0,
         b"7301234567890123456"
     );
-    assert!(dcs.acquire_leader("node1", lease.id).await.unwrap());
+    assert!(
+        dcs.acquire_leader("node1", lease.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert_eq!(
         raw_get(&dcs, &format!("{base}/leader")).await.unwrap(),
         (b"node1".to_vec(), lease.id)
@@ -576,7 +592,10 @@ async fn garbage_member_ignored(etcd: &EtcdCluster) {
 async fn delete_cluster(etcd: &EtcdCluster) {
     let doomed = connect(etcd, "doomed").await;
     let kept = connect(etcd, "doomed2").await; // a scope sharing the name's prefix
-    doomed.set_initialize("7301234567890123456").await.unwrap();
+    doomed
+        .set_initialize("7301234567890123456", false)
+        .await
+        .unwrap();
     assert!(
         doomed
             .put_config(&config(30), Expect::Any)
@@ -584,7 +603,9 @@ async fn delete_cluster(etcd: &EtcdCluster) {
             .unwrap()
             .is_written()
     );
-    kept.set_initialize("7301234567890123457").await.unwrap();
+    kept.set_initialize("7301234567890123457", false)
+        .await
+        .unwrap();
     assert_eq!(doomed.delete_cluster().await.unwrap(), 2);
     assert_eq!(doomed.load().await.unwrap().view, Default::default());
     assert!(kept.load().await.unwrap().view.initialize.is_some());
