@@ -76,6 +76,9 @@ pub struct Config {
     /// Parameters the local administrator opens to dynamic configuration, beyond the built-in
     /// allowlist (extension parameters such as `pgaudit.log`, for instance).
     pub dynamic_parameter_allowlist: BTreeSet<GucName>,
+    /// Networks the cluster's members connect from (replication, rewind, peer calls); pg_hba
+    /// admits replication and rewind only from these, with client certificates.
+    pub cluster_networks: Vec<IpNet>,
     /// Explicit, loudly logged insecure overrides.
     pub insecure: Insecure,
     /// Key paths of secrets written inline in the file (rather than in a password file); such a

@@ -225,5 +225,7 @@ pub(super) struct RawPgkeep {
     #[serde(default)]
     pub(super) dynamic_parameter_allowlist: Vec<String>,
     #[serde(default)]
+    pub(super) cluster_networks: Vec<String>,
+    #[serde(default)]
     pub(super) insecure: Option<RawInsecure>,
 }

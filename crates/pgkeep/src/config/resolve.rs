@@ -310,6 +310,22 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
             .unwrap_or(LogFormat::Text),
     };
 
+    let mut cluster_networks = raw_pgkeep
+        .cluster_networks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse_net(s).map_err(|e| err(&format!("pgkeep.cluster_networks[{i}]"), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if cluster_networks.is_empty() {
+        // Without a list, only this host: enough for a single-host test bed. On loopback every
+        // connection's source address is 127.0.0.1, whichever 127.x address it targets.
+        cluster_networks.push(IpNet::from(postgresql.listen.ip()));
+        if postgresql.listen.ip().is_loopback() {
+            cluster_networks
+                .push(parse_net("127.0.0.0/8").map_err(|e| err("pgkeep.cluster_networks", e))?);
+        }
+    }
+
     Ok(Config {
         source: file.to_owned(),
         scope: raw.scope,
@@ -324,6 +340,7 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         watchdog,
         log,
         dynamic_parameter_allowlist,
+        cluster_networks,
         insecure,
         inline_secret_keys,
     })
@@ -646,6 +663,7 @@ pub fn effective_yaml(c: &Config) -> String {
         "log": {"level": c.log.level, "format": format!("{:?}", c.log.format).to_lowercase()},
         "pgkeep": {
             "dynamic_parameter_allowlist": c.dynamic_parameter_allowlist.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "cluster_networks": c.cluster_networks.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "insecure": c.insecure.active(),
         },
     });

@@ -131,6 +131,7 @@ pub(super) const ROOT: &[Entry] = &[
         "pgkeep",
         &[
             leaf("dynamic_parameter_allowlist"),
+            leaf("cluster_networks"),
             section(
                 "insecure",
                 &[

@@ -12,8 +12,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use pgkeep_core::cluster::{
-    ClusterStatus, ClusterView, FailoverRequest, HistoryEntry, MemberData, Rejected, SyncState,
-    Versioned,
+    ClusterStatus, ClusterView, FailoverRequest, HistoryEntry, LeaderKey, MemberData, Rejected,
+    SyncState, Versioned,
 };
 
 pub mod etcd;
@@ -187,6 +187,10 @@ pub struct Snapshot {
     pub revision: i64,
     /// The values left out of `view` because they did not parse (already logged).
     pub rejected: Vec<Rejected>,
+    /// The leader key as it was just before the last deletion the watch delivered without a
+    /// gap (its holder and last `mod_revision`). `None` from a plain read, and after the watch
+    /// had to start over, because then a renewal may have been missed.
+    pub deleted_leader: Option<LeaderKey>,
 }
 
 /// A distributed configuration store holding one cluster's keys in Patroni's layout.

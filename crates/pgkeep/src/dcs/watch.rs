@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, WatchOptions};
-use pgkeep_core::cluster::{ClusterView, RawEntry};
+use pgkeep_core::cluster::{ClusterView, LeaderKey, RawEntry};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -124,6 +124,7 @@ pub(crate) fn snapshot(entries: &BTreeMap<String, RawEntry>, revision: i64) -> S
         view,
         revision,
         rejected,
+        deleted_leader: None,
     }
 }
 
@@ -141,12 +142,16 @@ struct Cache {
     revision: i64,
     /// (key suffix, mod_revision) of values already reported as not parsing.
     logged: HashSet<(String, i64)>,
+    /// The leader key before its last deletion seen in this watch session.
+    deleted_leader: Option<LeaderKey>,
 }
 
 impl Cache {
     fn reset(&mut self, entries: BTreeMap<String, RawEntry>, revision: i64) {
         self.entries = entries;
         self.revision = revision;
+        // Events between the old watch and this list are unknown.
+        self.deleted_leader = None;
     }
 
     fn apply(&mut self, changes: Vec<Change>, revision: i64) {
@@ -156,7 +161,15 @@ impl Cache {
                     self.entries.insert(c.suffix, e);
                 }
                 None => {
-                    self.entries.remove(&c.suffix);
+                    if let Some(gone) = self.entries.remove(&c.suffix)
+                        && c.suffix == "leader"
+                    {
+                        self.deleted_leader = Some(LeaderKey {
+                            name: String::from_utf8_lossy(&gone.value).trim().to_owned(),
+                            lease: gone.lease,
+                            mod_revision: gone.mod_revision,
+                        });
+                    }
                 }
             }
         }
@@ -165,7 +178,8 @@ impl Cache {
 
     /// The current snapshot; values that do not parse are logged once per (key, mod_revision).
     fn snapshot(&mut self, base: &str) -> Snapshot {
-        let snap = snapshot(&self.entries, self.revision);
+        let mut snap = snapshot(&self.entries, self.revision);
+        snap.deleted_leader = self.deleted_leader.clone();
         let entries = &self.entries;
         self.logged
             .retain(|(k, rev)| entries.get(k).is_some_and(|e| e.mod_revision == *rev));
@@ -489,5 +503,22 @@ mod tests {
         assert!(matches!(err, Err(DcsError::Timeout { .. })));
         drop(tx);
         assert!(matches!(w.changed().await, Err(DcsError::WatchStopped)));
+    }
+
+    #[test]
+    fn a_deleted_leader_is_remembered_until_the_watch_starts_over() {
+        let mut c = Cache::default();
+        c.apply(vec![put("leader", "n1", 5), put("leader", "n1", 7)], 7);
+        assert_eq!(c.snapshot("/b").deleted_leader, None);
+        c.apply(vec![del("leader")], 8);
+        let gone = c.snapshot("/b").deleted_leader.expect("deletion seen");
+        assert_eq!((gone.name.as_str(), gone.mod_revision), ("n1", 7));
+        c.apply(vec![put("leader", "n2", 9)], 9);
+        assert!(
+            c.snapshot("/b").deleted_leader.is_some(),
+            "kept after a new leader"
+        );
+        c.reset(BTreeMap::new(), 10);
+        assert_eq!(c.snapshot("/b").deleted_leader, None, "a gap forgets it");
     }
 }
