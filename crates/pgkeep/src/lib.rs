@@ -3,6 +3,7 @@
 //! Modules here talk to the outside world (files, etcd, PostgreSQL, the network). Decisions are
 //! made in `pgkeep_core`; this crate gathers observations and carries out actions.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -14,6 +14,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the HA agent for one node (as the PostgreSQL OS user).
+    Agent {
+        /// The node's configuration file.
+        #[arg(short = 'c', long = "config")]
+        config: std::path::PathBuf,
+    },
     /// Validate configuration files.
     Config(cli::config::ConfigArgs),
     /// Certificate authority and certificates.
@@ -25,6 +31,12 @@ fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Cli::parse();
     let result = match args.command {
+        Command::Agent { config } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(pgkeep::agent::run(&config))),
         Command::Config(a) => cli::config::run(a),
         Command::Pki(a) => cli::pki::run(a),
     };

@@ -1,0 +1,512 @@
+//! Carrying out the core's actions. Each action either completes, fails (logged; the next
+//! decision re-plans), or starts a long operation in the background (initdb, clone, rewind) that
+//! the next observations report as busy.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use pgkeep_core::ha::{Action, LeaderLease, LongOperation, Millis, StartRole};
+use pgkeep_core::pgconf::conninfo_quote;
+
+use super::render::{self, StandbyOf};
+use super::{Busy, Shell};
+use crate::dcs::{Cas, Dcs, Expect};
+use crate::postgres::{Instance, StopMode};
+
+/// What an action did to the decision loop.
+pub(super) enum Outcome {
+    /// Go on with the next action.
+    Continue,
+    /// Stop executing this decision (a DCS action failed, or peers were fetched and the core
+    /// must decide again).
+    Replan,
+}
+
+impl Shell {
+    pub(super) async fn execute(&mut self, action: &Action) -> Outcome {
+        let name = action_name(action);
+        let result = self.execute_inner(action).await;
+        match result {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(action = name, error = format!("{e:#}"), "action failed");
+                if action.is_dcs() {
+                    Outcome::Replan
+                } else {
+                    Outcome::Continue
+                }
+            }
+        }
+    }
+
+    async fn execute_inner(&mut self, action: &Action) -> Result<Outcome> {
+        let me = self.cfg.name.clone();
+        match action {
+            Action::Fence => self.fence().await?,
+            Action::AcquireLeaderKey => {
+                let reply = self.keepalive().await?;
+                let rev = self.dcs.acquire_leader(&me, self.lease.id).await?;
+                self.leader_lease = rev.map(|revision| LeaderLease {
+                    sent_at: self.millis(reply.sent_at),
+                    granted_ttl: Millis::from_secs(u64::try_from(reply.granted_ttl).unwrap_or(0)),
+                    revision,
+                });
+                if rev.is_none() {
+                    return Ok(Outcome::Replan);
+                }
+                tracing::info!("acquired the leader key");
+            }
+            Action::RenewLeaderKey => {
+                let reply = self.keepalive().await?;
+                match self.dcs.renew_leader(&me, self.lease.id).await? {
+                    Some(revision) => {
+                        self.leader_lease = Some(LeaderLease {
+                            sent_at: self.millis(reply.sent_at),
+                            granted_ttl: Millis::from_secs(
+                                u64::try_from(reply.granted_ttl).unwrap_or(0),
+                            ),
+                            revision,
+                        });
+                    }
+                    None => {
+                        self.leader_lease = None;
+                        tracing::warn!("the leader key no longer names this member");
+                        return Ok(Outcome::Replan);
+                    }
+                }
+            }
+            Action::ReleaseLeaderKey => {
+                self.dcs.release_leader(&me).await?;
+                self.leader_lease = None;
+                tracing::info!("released the leader key");
+            }
+            Action::Promote => {
+                let args: Vec<OsString> = vec![
+                    "promote".into(),
+                    "-D".into(),
+                    self.layout.data_dir.clone().into(),
+                    "-W".into(),
+                ];
+                self.instance
+                    .runner
+                    .run("pg_ctl", &args, &[], Duration::from_secs(30))
+                    .await?;
+                self.promote_requested = true;
+                tracing::info!("promotion requested");
+            }
+            Action::Stop { mode } => {
+                let mode = match mode {
+                    pgkeep_core::ha::StopMode::Fast => StopMode::Fast,
+                    pgkeep_core::ha::StopMode::Immediate => StopMode::Immediate,
+                };
+                self.stop_pg(mode).await?;
+            }
+            Action::Start { role } => self.start_pg(role).await?,
+            Action::Restart => {
+                let role = if self.last_sql().is_some_and(|s| !s.in_recovery) {
+                    StartRole::Primary
+                } else {
+                    StartRole::Replica {
+                        upstream: self.upstream.clone(),
+                    }
+                };
+                self.stop_pg(StopMode::Fast).await?;
+                self.start_pg(&role).await?;
+            }
+            Action::Follow { upstream } => {
+                self.upstream = upstream.clone();
+                self.render(true)?;
+                self.reload_pg()?;
+                tracing::info!(upstream = ?upstream, "following");
+            }
+            Action::Rewind { source } => self.start_rewind(source)?,
+            Action::Clone { source, wipe } => self.start_clone(source, *wipe)?,
+            Action::Initdb => self.start_initdb()?,
+            Action::ClaimInitialize => {
+                self.initialize_claimed = self.dcs.race_initialize(self.lease.id).await?;
+                if !self.initialize_claimed {
+                    return Ok(Outcome::Replan);
+                }
+                tracing::info!("won the bootstrap race");
+            }
+            Action::WriteInitialize {
+                system_id,
+                create_only,
+            } => {
+                self.dcs.set_initialize(system_id, *create_only).await?;
+                self.initialize_claimed = false;
+            }
+            Action::PersistJoined => {
+                let path = self.layout.config_dir.join(super::observe::JOINED_MARKER);
+                crate::fsutil::write_atomic(&path, b"", 0o600)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                let _ = std::fs::remove_file(
+                    self.layout
+                        .config_dir
+                        .join(super::observe::BOOTSTRAP_MARKER),
+                );
+            }
+            Action::PublishMember(data) => self.dcs.put_member(&me, data, self.lease.id).await?,
+            Action::SetSyncStandbyNames(names) => {
+                self.sync_names = names.clone();
+                self.render(self.last_sql().is_some_and(|s| s.in_recovery))?;
+                self.reload_pg()?;
+            }
+            Action::WriteSync {
+                state,
+                expected_revision,
+            } => {
+                let expect = expected_revision.map_or(Expect::Absent, Expect::ModRevision);
+                if let Cas::Conflict = self.dcs.put_sync(state, expect).await? {
+                    return Ok(Outcome::Replan);
+                }
+            }
+            Action::DeleteSync { expected_revision } => {
+                if let Cas::Conflict = self
+                    .dcs
+                    .delete_sync(Expect::ModRevision(*expected_revision))
+                    .await?
+                {
+                    return Ok(Outcome::Replan);
+                }
+            }
+            Action::WriteHistory(h) => self.dcs.put_history(h).await?,
+            Action::WriteStatus(s) => self.dcs.put_status(s).await?,
+            Action::ClearFailover { expected_revision } => {
+                let empty = pgkeep_core::cluster::FailoverRequest::default();
+                if let Cas::Conflict = self
+                    .dcs
+                    .put_failover(&empty, Expect::ModRevision(*expected_revision))
+                    .await?
+                {
+                    return Ok(Outcome::Replan);
+                }
+            }
+            Action::CreateSlots(names) => self.slots(names, true).await?,
+            Action::DropSlots(names) => self.slots(names, false).await?,
+            Action::FetchPeerStatus { members } => {
+                self.peers = Some(self.fetch_peers(members).await);
+                return Ok(Outcome::Replan);
+            }
+        }
+        Ok(Outcome::Continue)
+    }
+
+    /// Stops a PostgreSQL that may not lead: immediate shutdown, then SIGKILL of the postmaster's
+    /// process group if it is still there after a short wait. Read-only is not enough.
+    async fn fence(&mut self) -> Result<()> {
+        let pm = self.instance.running_postmaster()?;
+        tracing::warn!("fencing: stopping PostgreSQL immediately");
+        if self
+            .instance
+            .stop(StopMode::Immediate, Duration::from_secs(2))
+            .await
+            .is_err()
+            && let Some(pm) = pm
+        {
+            tracing::error!(
+                pid = pm.pid,
+                "immediate shutdown did not finish; killing the postmaster's process group"
+            );
+            let _ = signal::killpg(Pid::from_raw(pm.pid), Signal::SIGKILL);
+        }
+        self.promote_requested = false;
+        Ok(())
+    }
+
+    async fn stop_pg(&mut self, mode: StopMode) -> Result<()> {
+        let timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout);
+        self.instance.stop(mode, timeout).await?;
+        self.pg_client = None;
+        Ok(())
+    }
+
+    async fn start_pg(&mut self, role: &StartRole) -> Result<()> {
+        let standby = match role {
+            StartRole::Primary => false,
+            StartRole::Replica { upstream } => {
+                self.upstream = upstream.clone();
+                true
+            }
+        };
+        self.render(standby)?;
+        render::set_standby_signal(&self.layout, standby)?;
+        std::fs::create_dir_all(self.layout.socket_dir())
+            .with_context(|| format!("creating {}", self.layout.socket_dir().display()))?;
+        let timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout);
+        let pm = self.instance.start(timeout).await?;
+        tracing::info!(pid = pm.pid, standby, "PostgreSQL started");
+        if !standby && self.fresh_bootstrap {
+            self.create_roles().await?;
+            self.fresh_bootstrap = false;
+        }
+        Ok(())
+    }
+
+    /// Renders the configuration files for the given role and the current upstream.
+    pub(super) fn render(&self, standby: bool) -> Result<()> {
+        let standby_of = if standby {
+            self.upstream.as_deref().and_then(|u| self.standby_of(u))
+        } else {
+            None
+        };
+        render::write_files(
+            &self.cfg,
+            &self.layout,
+            &self.dynamic_params,
+            standby_of.as_ref(),
+            &self.sync_names,
+        )
+    }
+
+    fn standby_of(&self, member: &str) -> Option<StandbyOf> {
+        let snap = self.watch.snapshot()?;
+        let (host, port) = snap.view.members.get(member)?.data.conn_host_port()?;
+        let slot = self
+            .ha
+            .use_slots
+            .then(|| pgkeep_core::ha::slot_name(&self.cfg.name));
+        Some(StandbyOf { host, port, slot })
+    }
+
+    pub(super) fn reload_pg(&self) -> Result<()> {
+        if let Some(pm) = self.instance.running_postmaster()? {
+            signal::kill(Pid::from_raw(pm.pid), Signal::SIGHUP)
+                .context("signalling the postmaster to reload")?;
+        }
+        Ok(())
+    }
+
+    /// The conninfo a tool uses to reach `member` as `role` (replication or rewind), by name and
+    /// with this node's client certificate.
+    fn tool_conninfo(&self, member: &str, rewind: bool) -> Result<String> {
+        let snap = self
+            .watch
+            .snapshot()
+            .ok_or_else(|| anyhow!("no DCS view"))?;
+        let m = snap
+            .view
+            .members
+            .get(member)
+            .ok_or_else(|| anyhow!("member {member} is not in the DCS"))?;
+        let (host, port) = m
+            .data
+            .conn_host_port()
+            .ok_or_else(|| anyhow!("member {member} has no usable conn_url"))?;
+        let auth = &self.cfg.postgresql.authentication;
+        let role = if rewind {
+            &auth.rewind
+        } else {
+            &auth.replication
+        };
+        let files = role
+            .client
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} needs sslcert and sslkey", role.username))?;
+        let root = role
+            .sslrootcert
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} needs sslrootcert", role.username))?;
+        let mut parts = vec![
+            ("host", host),
+            ("port", port.to_string()),
+            ("user", role.username.clone()),
+            ("dbname", "postgres".to_owned()),
+            ("application_name", self.cfg.name.clone()),
+            ("sslmode", role.sslmode.clone()),
+            ("sslcert", files.cert.display().to_string()),
+            ("sslkey", files.key.display().to_string()),
+            ("sslrootcert", root.display().to_string()),
+            ("connect_timeout", "5".to_owned()),
+        ];
+        if !rewind {
+            parts.retain(|(k, _)| *k != "dbname");
+        }
+        Ok(parts
+            .iter()
+            .map(|(k, v)| format!("{k}={}", conninfo_quote(v)))
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
+    fn spawn_busy(
+        &mut self,
+        op: LongOperation,
+        fut: impl std::future::Future<Output = Result<()>> + Send + 'static,
+    ) {
+        self.busy = Some(Busy {
+            op,
+            handle: tokio::spawn(fut),
+        });
+    }
+
+    fn start_clone(&mut self, source: &str, wipe: bool) -> Result<()> {
+        let conninfo = self.tool_conninfo(source, false)?;
+        let instance = self.instance.clone();
+        tracing::info!(%source, wipe, "cloning with pg_basebackup");
+        self.spawn_busy(LongOperation::Clone, async move {
+            if wipe {
+                wipe_data_dir(&instance)?;
+            }
+            let args: Vec<OsString> = vec![
+                "-D".into(),
+                instance.data_dir.clone().into(),
+                "-X".into(),
+                "stream".into(),
+                "-c".into(),
+                "fast".into(),
+                "--no-password".into(),
+                "-d".into(),
+                conninfo.into(),
+            ];
+            instance
+                .runner
+                .run("pg_basebackup", &args, &[], Duration::from_secs(3600))
+                .await?;
+            Ok(())
+        });
+        Ok(())
+    }
+
+    fn start_rewind(&mut self, source: &str) -> Result<()> {
+        let conninfo = self.tool_conninfo(source, true)?;
+        let instance = self.instance.clone();
+        tracing::info!(%source, "rewinding with pg_rewind");
+        self.spawn_busy(LongOperation::Rewind, async move {
+            let args: Vec<OsString> = vec![
+                format!("--target-pgdata={}", instance.data_dir.display()).into(),
+                format!("--source-server={conninfo}").into(),
+                "--no-sync".into(),
+            ];
+            instance
+                .runner
+                .run("pg_rewind", &args, &[], Duration::from_secs(3600))
+                .await?;
+            Ok(())
+        });
+        Ok(())
+    }
+
+    fn start_initdb(&mut self) -> Result<()> {
+        let instance = self.instance.clone();
+        let superuser = self
+            .cfg
+            .postgresql
+            .authentication
+            .superuser
+            .username
+            .clone();
+        let extra = self.cfg.bootstrap.initdb.clone();
+        let layout = self.layout.clone();
+        self.fresh_bootstrap = true;
+        tracing::info!("running initdb for a new cluster");
+        self.spawn_busy(LongOperation::Initdb, async move {
+            instance
+                .initdb(&superuser, &extra, Duration::from_secs(600))
+                .await?;
+            render::remove_initdb_config_copies(&layout);
+            Ok(())
+        });
+        Ok(())
+    }
+
+    /// Creates the replication and rewind roles on a freshly bootstrapped primary.
+    async fn create_roles(&mut self) -> Result<()> {
+        let auth = &self.cfg.postgresql.authentication;
+        let roles = pgkeep_core::pgconf::HbaRoles {
+            superuser: auth.superuser.username.clone(),
+            replication: auth.replication.username.clone(),
+            rewind: auth.rewind.username.clone(),
+        };
+        let client = crate::postgres::observe::connect_local(
+            self.layout.socket_dir(),
+            self.layout.node.port,
+            &roles.superuser,
+            Duration::from_secs(10),
+        )
+        .await?;
+        for sql in pgkeep_core::pgconf::role_sql(&roles) {
+            client
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("creating roles: {sql}"))?;
+        }
+        tracing::info!(replication = %roles.replication, rewind = %roles.rewind, "created the replication and rewind roles");
+        Ok(())
+    }
+
+    async fn slots(&mut self, names: &[String], create: bool) -> Result<()> {
+        let client = self
+            .pg_client
+            .as_ref()
+            .ok_or_else(|| anyhow!("no connection to the local postgres"))?;
+        for n in names {
+            let sql = if create {
+                "SELECT pg_create_physical_replication_slot($1, true) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)"
+            } else {
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND NOT active"
+            };
+            client
+                .execute(sql, &[n])
+                .await
+                .with_context(|| format!("slot {n}"))?;
+            tracing::info!(slot = %n, create, "replication slot");
+        }
+        Ok(())
+    }
+}
+
+fn wipe_data_dir(instance: &Instance) -> Result<()> {
+    let dir = &instance.data_dir;
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                let p = e?.path();
+                if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                }
+                .with_context(|| format!("removing {}", p.display()))?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
+}
+
+fn action_name(a: &Action) -> &'static str {
+    match a {
+        Action::Fence => "fence",
+        Action::AcquireLeaderKey => "acquire leader key",
+        Action::RenewLeaderKey => "renew leader key",
+        Action::ReleaseLeaderKey => "release leader key",
+        Action::Promote => "promote",
+        Action::Stop { .. } => "stop",
+        Action::Start { .. } => "start",
+        Action::Restart => "restart",
+        Action::Follow { .. } => "follow",
+        Action::Rewind { .. } => "rewind",
+        Action::Clone { .. } => "clone",
+        Action::Initdb => "initdb",
+        Action::ClaimInitialize => "claim initialize",
+        Action::WriteInitialize { .. } => "write initialize",
+        Action::PersistJoined => "persist joined marker",
+        Action::PublishMember(_) => "publish member",
+        Action::SetSyncStandbyNames(_) => "set synchronous_standby_names",
+        Action::WriteSync { .. } => "write sync",
+        Action::DeleteSync { .. } => "delete sync",
+        Action::WriteHistory(_) => "write history",
+        Action::WriteStatus(_) => "write status",
+        Action::ClearFailover { .. } => "clear failover",
+        Action::CreateSlots(_) => "create slots",
+        Action::DropSlots(_) => "drop slots",
+        Action::FetchPeerStatus { .. } => "fetch peer status",
+    }
+}

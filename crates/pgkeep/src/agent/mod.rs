@@ -1,0 +1,412 @@
+//! The agent: one per database host, running as the PostgreSQL OS user. Each cycle it observes
+//! (DCS view + local PostgreSQL), asks [`pgkeep_core::ha::decide`] what to do, and does it.
+//! Nothing here decides; everything here talks to the world.
+
+mod exec;
+mod observe;
+mod render;
+mod status;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use pgkeep_core::dynamic;
+use pgkeep_core::ha::{
+    self, HaConfig, HaMemory, LeaderLease, LocalRequests, LongOperation, Millis, PeerReport,
+    SyncStandbyNames,
+};
+use pgkeep_core::policy::Parameters;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiClient, ApiSnapshot};
+use crate::config::Config;
+use crate::dcs::{ClusterWatch, Dcs, EtcdDcs, EtcdSettings, KeepaliveReply, Lease, TlsFiles};
+use crate::postgres::observe::LocalPg;
+use crate::postgres::{ControlData, Instance, RunAs, Runner};
+use render::Layout;
+
+/// A long operation running in the background.
+struct Busy {
+    op: LongOperation,
+    handle: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// The agent's state between cycles. The HA core's own memory is [`HaMemory`]; the rest is what
+/// only the shell can know (handles, last replies, what it configured).
+struct Shell {
+    cfg: Config,
+    layout: Layout,
+    ha: HaConfig,
+    dynamic_params: Parameters,
+    dcs: EtcdDcs,
+    watch: ClusterWatch,
+    lease: Lease,
+    lease_revoked: bool,
+    leader_lease: Option<LeaderLease>,
+    initialize_claimed: bool,
+    instance: Instance,
+    pg_client: Option<tokio_postgres::Client>,
+    last_sql: Option<LocalPg>,
+    controldata: Option<ControlData>,
+    origin: Instant,
+    memory: HaMemory,
+    busy: Option<Busy>,
+    rewind_failed: bool,
+    upstream: Option<String>,
+    sync_names: SyncStandbyNames,
+    postmaster_seen: Option<(i32, Millis)>,
+    promote_requested: bool,
+    fresh_bootstrap: bool,
+    peers: Option<PeerReport>,
+    requests: LocalRequests,
+    leader_seen: Option<(i64, Millis)>,
+    config_revision: i64,
+    peer_client: Option<ApiClient>,
+    api_tx: watch::Sender<Arc<ApiSnapshot>>,
+}
+
+impl Shell {
+    /// Milliseconds on the agent's monotonic clock.
+    fn now(&self) -> Millis {
+        self.millis(Instant::now())
+    }
+
+    fn millis(&self, t: Instant) -> Millis {
+        Millis(
+            u64::try_from(t.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX),
+        )
+    }
+
+    fn instant(&self, m: Millis) -> Instant {
+        self.origin + Duration::from_millis(m.0)
+    }
+
+    /// One keepalive of the agent's lease. A lease etcd no longer knows is replaced at once
+    /// (keys attached to it are gone anyway; the core fences on `lease_revoked`).
+    async fn keepalive(&mut self) -> Result<KeepaliveReply> {
+        let reply = self.dcs.keepalive(self.lease.id).await?;
+        if reply.granted_ttl <= 0 {
+            tracing::warn!(
+                lease = format_args!("{:x}", self.lease.id),
+                "the lease is gone; granting a new one"
+            );
+            self.lease_revoked = true;
+            self.leader_lease = None;
+            self.lease = self.dcs.grant_lease(ttl_secs(&self.ha)).await?;
+            bail!("lease expired");
+        }
+        self.lease_revoked = false;
+        Ok(reply)
+    }
+
+    /// Re-reads the dynamic configuration when its revision changed. A refused configuration
+    /// keeps the previous one in force.
+    fn refresh_dynamic(&mut self) {
+        let Some(snap) = self.watch.snapshot() else {
+            return;
+        };
+        let Some(cfg) = &snap.view.config else { return };
+        if cfg.mod_revision == self.config_revision {
+            return;
+        }
+        self.config_revision = cfg.mod_revision;
+        match dynamic::interpret(
+            &cfg.value,
+            &HaConfig::default(),
+            &self.cfg.dynamic_parameter_allowlist,
+        ) {
+            Ok(d) => {
+                for k in &d.dropped {
+                    if k.security {
+                        tracing::warn!(security = true, key = %k.path, "{k}");
+                    } else {
+                        tracing::info!(key = %k.path, "{k}");
+                    }
+                }
+                self.ha = d.ha;
+                self.dynamic_params = d.parameters;
+            }
+            Err(e) => tracing::error!(error = %e, "keeping the previous dynamic configuration"),
+        }
+    }
+
+    /// Collects the finished background operation, if any.
+    async fn reap_busy(&mut self) {
+        if self.busy.as_ref().is_some_and(|b| b.handle.is_finished())
+            && let Some(b) = self.busy.take()
+        {
+            let result = b.handle.await.map_err(anyhow::Error::from).and_then(|r| r);
+            match (&result, b.op) {
+                (Ok(()), op) => {
+                    tracing::info!(?op, "background operation finished");
+                    if op == LongOperation::Rewind {
+                        self.rewind_failed = false;
+                    }
+                }
+                (Err(e), op) => {
+                    tracing::error!(?op, error = format!("{e:#}"), "background operation failed");
+                    if op == LongOperation::Rewind {
+                        self.rewind_failed = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One cycle. Returns when the next one may start.
+    async fn cycle(&mut self) -> Millis {
+        self.reap_busy().await;
+        self.refresh_dynamic();
+        if self.leader_lease.is_none()
+            && let Err(e) = self.keepalive().await
+        {
+            tracing::warn!(error = format!("{e:#}"), "lease keepalive failed");
+        }
+        let mut rounds = 0;
+        loop {
+            let obs = self.observe().await;
+            let Some(snap) = self.watch.snapshot() else {
+                tracing::warn!("no DCS view yet");
+                return self.now() + Millis(500);
+            };
+            let now = self.now();
+            let decision = ha::decide(now, &self.ha, &snap.view, &obs);
+            tracing::debug!(state = %decision.state, reason = %decision.reason, actions = ?decision.actions, "decision");
+            if !decision
+                .actions
+                .iter()
+                .all(|a| matches!(a, ha::Action::RenewLeaderKey | ha::Action::PublishMember(_)))
+            {
+                tracing::info!(state = %decision.state, reason = %decision.reason, "decision");
+            }
+            self.memory = decision.memory.clone();
+            let mut replan = false;
+            for action in &decision.actions {
+                if let exec::Outcome::Replan = self.execute(action).await {
+                    replan = true;
+                    break;
+                }
+            }
+            self.publish(&obs, &snap, decision.state);
+            rounds += 1;
+            if !replan || rounds >= 3 {
+                return decision.wake_at.min(self.now() + self.ha.loop_wait);
+            }
+        }
+    }
+}
+
+/// Logs to stderr (the service manager keeps it), as text or JSON lines. `RUST_LOG` overrides
+/// the configured level.
+fn init_logging(log: &crate::config::Log) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        crate::config::LogFormat::Json => builder.json().try_init(),
+        crate::config::LogFormat::Text => builder.with_ansi(false).try_init(),
+    };
+}
+
+fn ttl_secs(ha: &HaConfig) -> i64 {
+    i64::try_from(ha.ttl.0 / 1000).unwrap_or(30)
+}
+
+fn etcd_settings(cfg: &Config, ha: &HaConfig) -> Result<EtcdSettings> {
+    let tls = match (&cfg.etcd.cacert, &cfg.etcd.client) {
+        (Some(ca), Some(client)) => Some(TlsFiles {
+            ca: ca.clone(),
+            cert: client.cert.clone(),
+            key: client.key.clone(),
+        }),
+        _ => None,
+    };
+    Ok(EtcdSettings {
+        endpoints: cfg.etcd.endpoints.clone(),
+        tls,
+        namespace: cfg.namespace.clone(),
+        scope: cfg.scope.clone(),
+        request_timeout: Duration::from_millis(ha.retry_timeout.0),
+        insecure: cfg.insecure.plaintext_etcd,
+    })
+}
+
+fn peer_client(cfg: &Config) -> Result<Option<ApiClient>> {
+    let Some(ca) = cfg.ctl.cacert.as_ref().or(cfg.restapi.cafile.as_ref()) else {
+        return Ok(None);
+    };
+    let mut b = ApiClient::builder(
+        &std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+    )?
+    .timeout(Duration::from_secs(2));
+    if let Some(c) = &cfg.ctl.client {
+        b = b.identity_files(&c.cert, &c.key)?;
+    }
+    if let Some(a) = cfg
+        .ctl
+        .authentication
+        .as_ref()
+        .or(cfg.restapi.authentication.as_ref())
+    {
+        b = b.basic_auth(&a.username, a.password.clone());
+    }
+    Ok(Some(b.build()?))
+}
+
+/// Runs the agent until SIGTERM (or SIGINT): then PostgreSQL is stopped cleanly and, on the
+/// leader, the key is released, so a replica takes over without waiting for the lease to expire.
+pub async fn run(config_path: &Path) -> Result<()> {
+    if nix::unistd::Uid::effective().is_root() {
+        bail!("pgkeep agent must not run as root; run it as the PostgreSQL OS user (postgres)");
+    }
+    let cfg = Config::load(config_path)?;
+    init_logging(&cfg.log);
+    for flag in cfg.insecure.active() {
+        tracing::warn!(override = flag, "insecure override in force");
+    }
+    let base = dynamic::interpret(
+        &cfg.bootstrap.dcs,
+        &HaConfig::default(),
+        &cfg.dynamic_parameter_allowlist,
+    )
+    .context("bootstrap.dcs")?;
+    let layout = Layout::from_config(&cfg)?;
+    let dcs = EtcdDcs::connect(&etcd_settings(&cfg, &base.ha)?).await?;
+    let watch = dcs.watch();
+    let lease = dcs
+        .grant_lease(ttl_secs(&base.ha))
+        .await
+        .context("granting the agent's lease")?;
+    let home = cfg
+        .postgresql
+        .config_dir
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .to_owned();
+    let instance = Instance {
+        runner: Runner::new(cfg.postgresql.bin_dir.clone(), RunAs::Current, home),
+        data_dir: cfg.postgresql.data_dir.clone(),
+        config_dir: cfg.postgresql.config_dir.clone(),
+        log_file: cfg.postgresql.config_dir.join("postgresql.log"),
+    };
+    std::fs::create_dir_all(&cfg.postgresql.config_dir)
+        .with_context(|| format!("creating {}", cfg.postgresql.config_dir.display()))?;
+    let (api_tx, api_rx) = watch::channel(Arc::new(ApiSnapshot::new(&cfg.scope, &cfg.name)));
+    let cancel = CancellationToken::new();
+    let server = api::serve(&cfg.restapi, api_rx, cancel.clone())
+        .await
+        .context("starting the REST API")?;
+    tracing::info!(member = %cfg.name, scope = %cfg.scope, api = %server.local_addr(), "agent started");
+    let peer_client = peer_client(&cfg)?;
+    let mut shell = Shell {
+        layout,
+        ha: base.ha,
+        dynamic_params: base.parameters,
+        dcs,
+        watch,
+        lease,
+        lease_revoked: false,
+        leader_lease: None,
+        initialize_claimed: false,
+        instance,
+        pg_client: None,
+        last_sql: None,
+        controldata: None,
+        origin: Instant::now(),
+        memory: HaMemory::default(),
+        busy: None,
+        rewind_failed: false,
+        upstream: None,
+        sync_names: SyncStandbyNames::default(),
+        postmaster_seen: None,
+        promote_requested: false,
+        fresh_bootstrap: false,
+        peers: None,
+        requests: LocalRequests::default(),
+        leader_seen: None,
+        config_revision: 0,
+        peer_client,
+        api_tx,
+        cfg,
+    };
+    if shell.watch.ready(Duration::from_secs(30)).await.is_err() {
+        tracing::warn!("no DCS view after 30 s; continuing, the loop waits for it");
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut shutdown_started: Option<Instant> = None;
+    loop {
+        let wake = shell.cycle().await;
+        if let Some(started) = shutdown_started {
+            let stopped = shell.instance.running_postmaster().ok().flatten().is_none();
+            if (stopped && shell.leader_lease.is_none())
+                || started.elapsed() > Duration::from_secs(120)
+            {
+                break;
+            }
+        }
+        let sleep = tokio::time::sleep_until(shell.instant(wake).into());
+        let mut leader_watch = shell.watch.clone();
+        tokio::select! {
+            _ = sleep => {}
+            _ = leader_watch.leader_changed() => {}
+            _ = term.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
+            _ = int.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
+            _ = hup.recv() => shell.reload(config_path),
+        }
+        if shutdown_started.is_some() && !shell.requests.shutdown {
+            tracing::info!("shutting down: stopping PostgreSQL and handing over");
+            shell.requests.shutdown = true;
+        }
+    }
+    let _ = shell.dcs.revoke(shell.lease.id).await;
+    cancel.cancel();
+    if let Err(e) = server.stopped().await {
+        tracing::warn!(error = %e, "REST API did not stop cleanly");
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+impl Shell {
+    /// SIGHUP: validate the whole new configuration, then swap it in; on any error keep the old
+    /// one. Settings that need a restart of the agent (listen addresses, etcd endpoints) are
+    /// reported, not applied.
+    fn reload(&mut self, path: &Path) {
+        match Config::load(path).and_then(|c| {
+            Ok((
+                Layout::from_config(&c)
+                    .map_err(|e| crate::config::ConfigError::new(path, "", format!("{e:#}")))?,
+                c,
+            ))
+        }) {
+            Ok((layout, c)) => {
+                if c.restapi.listen != self.cfg.restapi.listen
+                    || c.etcd.endpoints != self.cfg.etcd.endpoints
+                {
+                    tracing::warn!(
+                        "restapi.listen and etcd3 changes take effect after an agent restart"
+                    );
+                }
+                self.cfg = c;
+                self.layout = layout;
+                let standby = self.last_sql.as_ref().is_some_and(|s| s.in_recovery);
+                if let Err(e) = self.render(standby).and_then(|()| self.reload_pg()) {
+                    tracing::error!(error = format!("{e:#}"), "re-rendering after reload failed");
+                }
+                tracing::info!("configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded; keeping the previous one")
+            }
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Turning what the node sees into the core's [`LocalObservation`]: PostgreSQL (process, SQL,
+//! control file, timeline history), the DCS session, markers on disk.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use pgkeep_core::cluster::{HistoryEntry, Lsn, MemberData};
+use pgkeep_core::ha::{
+    DataDir, DcsSession, LocalObservation, PgObservation, PgProcess, ReplicationRow,
+};
+
+use super::Shell;
+use crate::api::{PATRONI_COMPAT_VERSION, PGKEEP_VERSION};
+use crate::postgres::observe::{self, LocalPg};
+use crate::postgres::{ClusterState, ControlData};
+
+/// File in the configuration directory: this node's data once belonged to the cluster.
+pub(super) const JOINED_MARKER: &str = "pgkeep-joined";
+/// File in the configuration directory, created by `pgkeep up`/`init` on the one node allowed to
+/// run initdb for a new cluster.
+pub(super) const BOOTSTRAP_MARKER: &str = "pgkeep-bootstrap-allowed";
+
+impl Shell {
+    /// One observation of PostgreSQL. SQL is used only while the postmaster says it accepts
+    /// connections; otherwise the control file speaks.
+    pub(super) async fn observe_pg(&mut self) -> PgObservation {
+        let mut obs = PgObservation {
+            sync_standby_names: self.sync_names.clone(),
+            ..Default::default()
+        };
+        obs.data_dir = self.data_dir_state().await;
+        let postmaster = self.instance.running_postmaster().ok().flatten();
+        let Some(pm) = postmaster else {
+            self.pg_client = None;
+            self.postmaster_seen = None;
+            self.last_sql = None;
+            obs.process = PgProcess::Stopped;
+            if let Some(cd) = &self.controldata {
+                obs.in_recovery = matches!(
+                    cd.state,
+                    ClusterState::ShutDownInRecovery | ClusterState::InArchiveRecovery
+                );
+                obs.crashed = !cd.state.is_clean_shutdown();
+                obs.timeline = Some(cd.timeline);
+                obs.wal_position = cd.checkpoint.max(cd.min_recovery_end);
+                obs.timeline_history = self.read_history(cd.timeline);
+            }
+            return obs;
+        };
+        let now = self.now();
+        let started_at = match self.postmaster_seen {
+            Some((pid, at)) if pid == pm.pid => at,
+            _ => {
+                self.postmaster_seen = Some((pm.pid, now));
+                now
+            }
+        };
+        obs.started_at = Some(started_at);
+        obs.process = match pm.status.as_deref() {
+            Some("ready" | "standby") => PgProcess::Running,
+            Some("stopping") => PgProcess::Stopping,
+            _ => PgProcess::Starting,
+        };
+        if obs.process == PgProcess::Running {
+            match self.query_pg().await {
+                Some(sql) => {
+                    obs.in_recovery = sql.in_recovery;
+                    obs.timeline = Some(sql.timeline);
+                    obs.wal_position = if sql.in_recovery {
+                        sql.receive_lsn
+                            .unwrap_or_default()
+                            .max(sql.replay_lsn.unwrap_or_default())
+                    } else {
+                        sql.flush_lsn.unwrap_or_default()
+                    };
+                    obs.replay_lsn = sql.replay_lsn;
+                    obs.streaming = sql
+                        .wal_receiver
+                        .as_ref()
+                        .is_some_and(|r| r.status == "streaming");
+                    obs.replication = sql
+                        .replication
+                        .iter()
+                        .map(|w| ReplicationRow {
+                            application_name: w.application_name.clone(),
+                            streaming: w.state == "streaming",
+                            flush_lsn: w.flush_lsn.unwrap_or_default(),
+                            sync: matches!(w.sync_state.as_str(), "sync" | "quorum"),
+                        })
+                        .collect();
+                    obs.slots = sql
+                        .slots
+                        .iter()
+                        .map(|s| s.name.clone())
+                        .collect::<BTreeSet<_>>();
+                    obs.timeline_history = self.read_history(sql.timeline);
+                    if self.promote_requested && sql.in_recovery {
+                        obs.process = PgProcess::Promoting;
+                    } else if !sql.in_recovery {
+                        self.promote_requested = false;
+                    }
+                    self.last_sql = Some(sql);
+                }
+                // Accepting connections per the pid file but not answering: treat as starting.
+                None => obs.process = PgProcess::Starting,
+            }
+        } else if let Some(cd) = &self.controldata {
+            // Starting or stopping: the role PostgreSQL comes up in is the control file's.
+            obs.in_recovery = matches!(
+                cd.state,
+                ClusterState::ShutDownInRecovery | ClusterState::InArchiveRecovery
+            ) || self.layout.data_dir.join("standby.signal").exists();
+            obs.timeline = Some(cd.timeline);
+        }
+        if self.promote_requested && obs.process != PgProcess::Running {
+            obs.process = PgProcess::Promoting;
+        }
+        obs.upstream = if obs.in_recovery {
+            self.upstream.clone()
+        } else {
+            None
+        };
+        obs
+    }
+
+    async fn query_pg(&mut self) -> Option<LocalPg> {
+        let timeout = Duration::from_secs(3);
+        if self.pg_client.as_ref().is_none_or(|c| c.is_closed()) {
+            let user = self
+                .cfg
+                .postgresql
+                .authentication
+                .superuser
+                .username
+                .clone();
+            match observe::connect_local(
+                self.layout.socket_dir(),
+                self.layout.node.port,
+                &user,
+                timeout,
+            )
+            .await
+            {
+                Ok(c) => self.pg_client = Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot connect to the local postgres yet");
+                    return None;
+                }
+            }
+        }
+        let client = self.pg_client.as_ref()?;
+        match tokio::time::timeout(timeout, observe::observe(client)).await {
+            Ok(Ok(sql)) => Some(sql),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "observing the local postgres failed");
+                self.pg_client = None;
+                None
+            }
+            Err(_) => {
+                tracing::warn!("observing the local postgres timed out");
+                self.pg_client = None;
+                None
+            }
+        }
+    }
+
+    async fn data_dir_state(&mut self) -> DataDir {
+        match self.instance.data_dir_is_empty() {
+            Ok(true) => {
+                self.controldata = None;
+                return DataDir::Empty;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the data directory");
+                return DataDir::Invalid;
+            }
+        }
+        if !self.instance.is_initialised() {
+            self.controldata = None;
+            return DataDir::Invalid;
+        }
+        match self.instance.controldata().await {
+            Ok(cd) => {
+                let system_id = cd.system_identifier.clone();
+                self.controldata = Some(cd);
+                DataDir::Initialised { system_id }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pg_controldata failed");
+                self.controldata = None;
+                DataDir::Invalid
+            }
+        }
+    }
+
+    /// The history file of `timeline`, oldest switch first (empty on timeline 1).
+    fn read_history(&self, timeline: u32) -> Vec<HistoryEntry> {
+        if timeline <= 1 {
+            return Vec::new();
+        }
+        let path = self
+            .layout
+            .data_dir
+            .join("pg_wal")
+            .join(format!("{timeline:08X}.history"));
+        std::fs::read_to_string(&path)
+            .map(|t| parse_history(&t))
+            .unwrap_or_default()
+    }
+
+    /// The full observation for one decision.
+    pub(super) async fn observe(&mut self) -> LocalObservation {
+        let pg = self.observe_pg().await;
+        let snapshot = self.watch.snapshot();
+        let now = self.now();
+        if let Some(s) = &snapshot {
+            let rev = s.view.leader.as_ref().map(|l| l.mod_revision);
+            if rev != self.leader_seen.map(|(r, _)| r) {
+                self.leader_seen = rev.map(|r| (r, now));
+            }
+        }
+        let dcs = DcsSession {
+            reachable: self.watch.is_live(),
+            view_revision: snapshot.as_ref().map_or(0, |s| s.revision),
+            leader_seen_at: self.leader_seen.map(|(_, at)| at),
+            deleted_leader: snapshot.as_ref().and_then(|s| s.deleted_leader.clone()),
+            lease_revoked: self.lease_revoked,
+            leader_lease: self.leader_lease,
+            initialize_claimed: self.initialize_claimed,
+        };
+        LocalObservation {
+            name: self.cfg.name.clone(),
+            tags: self.cfg.tags.clone(),
+            member_template: self.member_template(),
+            wall_clock_ms: wall_clock_ms(),
+            pg,
+            dcs,
+            peers: self.peers.take(),
+            busy: self.busy.as_ref().map(|b| b.op),
+            rewind_failed: self.rewind_failed,
+            ever_joined: self.marker(JOINED_MARKER),
+            bootstrap_allowed: self.marker(BOOTSTRAP_MARKER),
+            watchdog_failed: false,
+            requests: self.requests.clone(),
+            memory: self.memory.clone(),
+        }
+    }
+
+    pub(super) fn marker(&self, name: &str) -> bool {
+        self.layout.config_dir.join(name).exists()
+    }
+
+    fn member_template(&self) -> MemberData {
+        MemberData {
+            conn_url: format!(
+                "postgres://{}/postgres",
+                self.cfg.postgresql.connect_address
+            ),
+            api_url: format!(
+                "{}://{}/patroni",
+                if self.cfg.restapi.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                self.cfg.restapi.connect_address
+            ),
+            version: PATRONI_COMPAT_VERSION.into(),
+            pgkeep_version: Some(PGKEEP_VERSION.into()),
+            tags: self.cfg.tags.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The last SQL observation, for the status JSON.
+    pub(super) fn last_sql(&self) -> Option<&LocalPg> {
+        self.last_sql.as_ref()
+    }
+
+    /// The control file as last read.
+    pub(super) fn controldata(&self) -> Option<&ControlData> {
+        self.controldata.as_ref()
+    }
+}
+
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Parses a PostgreSQL `<TL>.history` file: `parentTLI <tab> switchpoint <tab> reason`.
+pub(super) fn parse_history(text: &str) -> Vec<HistoryEntry> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let tl = f.next()?.trim().parse().ok()?;
+            let lsn: Lsn = f.next()?.trim().parse().ok()?;
+            let reason = f.next().unwrap_or("").trim().to_owned();
+            Some(HistoryEntry {
+                parent_timeline: tl,
+                switch_lsn: lsn,
+                reason,
+                timestamp: None,
+                new_leader: None,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_file_parses() {
+        let h = parse_history("1\t0/3000060\tno recovery target specified\n\n2\t0/5000000\tx\n");
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].parent_timeline, 1);
+        assert_eq!(h[1].switch_lsn, Lsn(0x500_0000));
+    }
+}
