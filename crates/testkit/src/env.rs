@@ -221,7 +221,7 @@ fn sanitize(name: &str) -> String {
     if s.is_empty() { "env".into() } else { s }
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     static N: AtomicU32 = AtomicU32::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(N.fetch_add(1, Ordering::Relaxed));

@@ -36,6 +36,7 @@
 //! Everything here needs root (cgroups, `/etc/hosts`, switching to the `etcd` and `postgres`
 //! users), which is how the integration tests run.
 
+mod agents;
 mod cgroup;
 mod env;
 mod etcd;
@@ -46,6 +47,7 @@ mod proc;
 mod service;
 mod sweep;
 
+pub use agents::{API_USER, Agent, AgentCluster};
 pub use env::{ClientCert, Env, Node, ServiceUser};
 pub use etcd::{ETCD_CLIENT_CN, EtcdCluster};
 pub use postgres::PgInstance;

@@ -201,7 +201,10 @@ fn publish(tx: &watch::Sender<WatchState>, snap: Snapshot, live: bool) {
         let content_changed =
             old.is_none_or(|o| o.view != snap.view || o.rejected != snap.rejected);
         // The first snapshot is where knowledge starts, not a change.
-        if old.is_some_and(|o| o.view.leader != snap.view.leader) {
+        // Who holds the key, not its revision: the holder writes it on every renewal, and waking
+        // every member for each renewal would only burn cycles.
+        let holder = |v: &ClusterView| v.leader.as_ref().map(|l| l.name.clone());
+        if old.is_some_and(|o| holder(&o.view) != holder(&snap.view)) {
             s.leader_generation += 1;
         }
         let notify = content_changed || s.live != live;

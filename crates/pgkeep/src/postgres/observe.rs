@@ -111,7 +111,7 @@ SELECT usename::text, application_name, client_addr::text, state, sync_state, sy
 
 const SLOTS_SQL: &str = "
 SELECT slot_name::text, active, (restart_lsn - '0/0')::bigint
-  FROM pg_replication_slots WHERE slot_type = 'physical' ORDER BY slot_name";
+  FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT temporary ORDER BY slot_name";
 
 /// Connects over the Unix socket in `socket_dir` as `user` (peer authentication).
 pub async fn connect_local(

@@ -1,5 +1,6 @@
 //! The one integration-test binary. Each module is a scenario against real components.
 
+mod agent;
 mod api;
 mod config;
 mod dcs;
