@@ -124,6 +124,21 @@ pub fn interpret(
     base: &HaConfig,
     local_allowlist: &BTreeSet<GucName>,
 ) -> Result<DynamicConfig, DynamicError> {
+    let mut d = read(raw, base, local_allowlist)?;
+    if !raw.contains_key("lease_safety_margin") {
+        d.ha.lease_safety_margin = default_margin(d.ha.ttl);
+    }
+    d.ha.validate()?;
+    Ok(d)
+}
+
+/// Reads the keys without checking the timing rules; [`interpret`] is this plus the checks.
+/// Useful to report every unknown or dropped key before a timing error hides them.
+pub fn read(
+    raw: &Map<String, Value>,
+    base: &HaConfig,
+    local_allowlist: &BTreeSet<GucName>,
+) -> Result<DynamicConfig, DynamicError> {
     let mut ha = base.clone();
     let mut parameters = Parameters::new();
     let mut dropped = Vec::new();
@@ -186,10 +201,6 @@ pub fn interpret(
             }
         }
     }
-    if !raw.contains_key("lease_safety_margin") {
-        ha.lease_safety_margin = default_margin(ha.ttl);
-    }
-    ha.validate()?;
     Ok(DynamicConfig {
         ha,
         parameters,

@@ -132,6 +132,20 @@ impl Shell {
                 }
                 tracing::info!("won the bootstrap race");
             }
+            Action::ConfirmInitialize { system_id } => {
+                let confirmed = self
+                    .dcs
+                    .confirm_initialize(system_id, self.lease.id)
+                    .await?;
+                self.initialize_claimed = false;
+                if !confirmed {
+                    tracing::error!(
+                        "the bootstrap claim expired before initdb finished; this data directory is not the cluster's"
+                    );
+                    return Ok(Outcome::Replan);
+                }
+                tracing::info!(%system_id, "new cluster initialised");
+            }
             Action::WriteInitialize {
                 system_id,
                 create_only,
@@ -496,6 +510,7 @@ fn action_name(a: &Action) -> &'static str {
         Action::Clone { .. } => "clone",
         Action::Initdb => "initdb",
         Action::ClaimInitialize => "claim initialize",
+        Action::ConfirmInitialize { .. } => "confirm initialize",
         Action::WriteInitialize { .. } => "write initialize",
         Action::PersistJoined => "persist joined marker",
         Action::PublishMember(_) => "publish member",

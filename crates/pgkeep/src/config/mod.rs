@@ -324,6 +324,26 @@ impl Config {
             .map_err(|e| ConfigError::new(path, "", format!("cannot read the file: {e}")))?;
         let meta = std::fs::metadata(path)
             .map_err(|e| ConfigError::new(path, "", format!("cannot stat the file: {e}")))?;
+        // The local file is what every policy trusts: nobody but its owner may change it.
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if meta.permissions().mode() & 0o022 != 0 {
+            return Err(ConfigError::new(
+                path,
+                "",
+                "the file is writable by group or others; run `chmod go-w` on it",
+            ));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(ConfigError::new(
+                path,
+                "",
+                format!(
+                    "the file belongs to uid {}, not to this user (uid {me}) or root",
+                    meta.uid()
+                ),
+            ));
+        }
         let config = Self::parse(path, &text)?;
         if let Some(secret_key) = config.inline_secret_keys.first()
             && crate::fsutil::readable_by_others(&meta)

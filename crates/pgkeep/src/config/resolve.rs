@@ -185,23 +185,28 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         None => Bootstrap::default(),
         Some(b) => {
             let dcs = b.dcs.unwrap_or_default();
-            let key = match dynamic::interpret(
-                &dcs,
-                &HaConfig::default(),
-                &dynamic_parameter_allowlist,
-            ) {
+            // Every key of bootstrap.dcs must mean something to pgkeep: a key the policy would
+            // drop (a typo, an unsupported Patroni option, a command) is a mistake in this file.
+            let allow = &dynamic_parameter_allowlist;
+            let checked = dynamic::read(&dcs, &HaConfig::default(), allow).and_then(|d| {
+                // Unknown keys first: a typo is a better explanation than the timing error
+                // that its default value causes.
+                if d.dropped.is_empty() {
+                    dynamic::interpret(&dcs, &HaConfig::default(), allow).map(|_| d)
+                } else {
+                    Ok(d)
+                }
+            });
+            let key = match checked {
                 Err(DynamicError::BadValue { key, reason }) => Some((key, reason)),
                 Err(e @ DynamicError::Unsafe(_)) => Some(("ttl".to_owned(), e.to_string())),
-                // A key the policy would drop from the DCS is a mistake in the local file: say
-                // so now rather than let it vanish silently at bootstrap.
-                Ok(d) => d.dropped.into_iter().find(|k| k.security).map(|k| {
-                    (
-                        k.path,
-                        format!(
-                            "{}; set it in the local configuration instead of bootstrap.dcs",
-                            k.reason
-                        ),
-                    )
+                Ok(d) => d.dropped.into_iter().next().map(|k| {
+                    let hint = if k.security {
+                        "; set it in the local configuration instead of bootstrap.dcs"
+                    } else {
+                        ""
+                    };
+                    (k.path, format!("{}{hint}", k.reason))
                 }),
             };
             if let Some((k, reason)) = key {
@@ -263,6 +268,28 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
     };
     let parameters = policy::check_local(&p.parameters.unwrap_or_default())
         .map_err(|e| err("postgresql.parameters", e.to_string()))?;
+    for name in parameters.keys() {
+        const MANAGED: &[&str] = &[
+            "listen_addresses",
+            "port",
+            "cluster_name",
+            "hot_standby",
+            "data_directory",
+            "config_file",
+            "hba_file",
+            "ident_file",
+            "primary_conninfo",
+            "primary_slot_name",
+            "synchronous_standby_names",
+            "standby_mode",
+        ];
+        if MANAGED.contains(&name.as_str()) || name.as_str().starts_with("recovery_target") {
+            return Err(err(
+                &format!("postgresql.parameters.{name}"),
+                "pgkeep sets this itself (from postgresql.listen, the directories, and the cluster's state)".into(),
+            ));
+        }
+    }
     for (i, line) in p.pg_hba.iter().enumerate() {
         check_hba_line(line, insecure.weak_pg_hba)
             .map_err(|r| err(&format!("postgresql.pg_hba[{i}]"), r))?;
@@ -282,8 +309,23 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         pg_ctl_timeout: p.pg_ctl_timeout.unwrap_or(60),
     };
 
-    let tags: Tags = serde_json::from_value(Value::Object(raw.tags.unwrap_or_default()))
-        .map_err(|e| err("tags", e.to_string()))?;
+    let raw_tags = raw.tags.unwrap_or_default();
+    for (k, v) in &raw_tags {
+        let ok = match k.as_str() {
+            "nofailover" | "noloadbalance" | "nosync" | "clonefrom" | "nostream" => v.is_boolean(),
+            "failover_priority" | "sync_priority" => v.is_i64(),
+            "replicatefrom" => v.is_string(),
+            _ => !v.is_object() && !v.is_array(),
+        };
+        if !ok {
+            return Err(err(
+                &format!("tags.{k}"),
+                format!("{v} is not a valid value for this tag"),
+            ));
+        }
+    }
+    let tags: Tags =
+        serde_json::from_value(Value::Object(raw_tags)).map_err(|e| err("tags", e.to_string()))?;
 
     let w = raw.watchdog;
     let watchdog = Watchdog {
@@ -509,10 +551,29 @@ fn initdb_option(v: &Value) -> Result<String, String> {
     {
         return Err(format!("{name:?} is not an initdb option name"));
     }
-    if name.starts_with("auth")
-        || matches!(name.as_str(), "pwfile" | "pgdata" | "D" | "waldir" | "X")
-    {
-        return Err(format!("{name} is set by pgkeep and cannot be overridden"));
+    // An allowlist: initdb accepts unambiguous prefixes of its long options, so a deny-list of
+    // full names (auth, pwfile, pgdata, ...) could be bypassed with `pwf` or `pgd`.
+    const ALLOWED: &[&str] = &[
+        "encoding",
+        "locale",
+        "lc-collate",
+        "lc-ctype",
+        "lc-messages",
+        "lc-monetary",
+        "lc-numeric",
+        "lc-time",
+        "no-locale",
+        "locale-provider",
+        "icu-locale",
+        "icu-rules",
+        "text-search-config",
+        "wal-segsize",
+    ];
+    if !ALLOWED.contains(&name.as_str()) {
+        return Err(format!(
+            "{name} is not an initdb option pgkeep passes on (allowed: {}); authentication, paths and checksums are pgkeep's",
+            ALLOWED.join(", ")
+        ));
     }
     if value
         .as_deref()
@@ -526,34 +587,95 @@ fn initdb_option(v: &Value) -> Result<String, String> {
     })
 }
 
-fn check_hba_line(line: &str, weak_allowed: bool) -> Result<(), String> {
-    let content = line.split('#').next().unwrap_or("").trim();
-    if content.is_empty() {
-        return Ok(());
+/// Splits a pg_hba line into tokens the way PostgreSQL does: whitespace separates, double
+/// quotes group (and are removed), `#` outside quotes starts a comment.
+fn hba_tokens(line: &str) -> Result<Vec<String>, String> {
+    let mut tokens = Vec::new();
+    let mut cur = String::new();
+    let (mut quoted, mut in_token) = (false, false);
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_token = true;
+            }
+            '#' if !quoted => break,
+            c if c.is_whitespace() && !quoted => {
+                if in_token {
+                    tokens.push(std::mem::take(&mut cur));
+                    in_token = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_token = true;
+            }
+        }
     }
+    if quoted {
+        return Err("has an unterminated quote".into());
+    }
+    if in_token {
+        tokens.push(cur);
+    }
+    Ok(tokens)
+}
+
+/// Checks one extra pg_hba line. Only strong methods are allowed (an allowlist, so new or
+/// oddly written methods cannot slip through), and only TLS connection types for TCP.
+fn check_hba_line(line: &str, weak_allowed: bool) -> Result<(), String> {
     if line.chars().any(|c| c.is_control() && c != '\t') {
         return Err("contains a control character".into());
     }
-    let fields: Vec<&str> = content.split_whitespace().collect();
-    let kind = fields[0];
-    if !matches!(
-        kind,
-        "local" | "host" | "hostssl" | "hostnossl" | "hostgssenc" | "hostnogssenc"
-    ) {
-        return Err(format!("{kind:?} is not a pg_hba connection type"));
-    }
-    if content.starts_with("include") {
+    let tokens = hba_tokens(line)?;
+    let Some(kind) = tokens.first().map(|t| t.to_ascii_lowercase()) else {
+        return Ok(());
+    };
+    if kind.starts_with("include") {
         return Err("include directives are not allowed".into());
     }
-    let method_index = if kind == "local" { 3 } else { 4 };
-    let method = fields.get(method_index).copied().unwrap_or("");
-    let weak_method = matches!(method, "trust" | "password" | "md5");
-    let plaintext = matches!(kind, "host" | "hostnossl" | "hostnogssenc");
-    if (weak_method || plaintext) && !weak_allowed {
+    let mut rest = tokens.iter().skip(3);
+    let method = match kind.as_str() {
+        "local" => tokens.get(3),
+        "host" | "hostssl" | "hostnossl" | "hostgssenc" | "hostnogssenc" => {
+            let address = rest.next().ok_or("has no address field")?;
+            let keyword = matches!(address.as_str(), "all" | "samehost" | "samenet");
+            let next = rest.next();
+            // `address netmask` form: the field after an address without a prefix length.
+            match next {
+                Some(n)
+                    if !keyword
+                        && !address.contains('/')
+                        && n.parse::<std::net::IpAddr>().is_ok() =>
+                {
+                    rest.next()
+                }
+                other => other,
+            }
+        }
+        _ => return Err(format!("{kind:?} is not a pg_hba connection type")),
+    }
+    .ok_or("has no authentication method")?
+    .to_ascii_lowercase();
+    let strong = match kind.as_str() {
+        "local" => matches!(
+            method.as_str(),
+            "peer" | "scram-sha-256" | "reject" | "cert"
+        ),
+        _ => matches!(
+            method.as_str(),
+            "scram-sha-256" | "cert" | "reject" | "gss" | "ldap" | "radius" | "pam"
+        ),
+    };
+    let plaintext = matches!(
+        kind.as_str(),
+        "host" | "hostnossl" | "hostgssenc" | "hostnogssenc"
+    ) && method != "reject";
+    if (!strong || plaintext) && !weak_allowed {
         return Err(format!(
             "{:?} allows {}; use hostssl with scram-sha-256 or cert (or set pgkeep.insecure.weak_pg_hba)",
-            content,
-            if weak_method {
+            line.trim(),
+            if !strong {
                 format!("the weak method {method}")
             } else {
                 "connections without TLS".into()
@@ -572,6 +694,15 @@ fn default_config_dir(data_dir: &Path) -> PathBuf {
         .parent()
         .unwrap_or(Path::new("/"))
         .join(format!("{base}.conf"))
+}
+
+/// A parameter value for display: anything that mentions a password is hidden.
+fn redact_value(v: &str) -> &str {
+    if v.to_ascii_lowercase().contains("password") {
+        REDACTED
+    } else {
+        v
+    }
 }
 
 fn path(p: &Option<PathBuf>) -> Value {
@@ -648,7 +779,7 @@ pub fn effective_yaml(c: &Config) -> String {
                 "replication": role(&c.postgresql.authentication.replication),
                 "rewind": role(&c.postgresql.authentication.rewind),
             },
-            "parameters": c.postgresql.parameters.iter().map(|(k, v)| (k.to_string(), Value::from(v.as_str()))).collect::<Map<_, _>>(),
+            "parameters": c.postgresql.parameters.iter().map(|(k, v)| (k.to_string(), Value::from(redact_value(v.as_str())))).collect::<Map<_, _>>(),
             "pg_hba": c.postgresql.pg_hba,
             "pg_ident": c.postgresql.pg_ident,
             "use_pg_rewind": c.postgresql.use_pg_rewind,

@@ -39,6 +39,16 @@ const fn section(key: &'static str, entries: &'static [Entry]) -> Entry {
     }
 }
 
+/// libpq options of `postgresql.authentication.*` that pgkeep does not implement.
+const UNIMPLEMENTED_AUTH_OPTIONS: &[&str] = &[
+    "sslpassword",
+    "sslcrl",
+    "sslcrldir",
+    "gssencmode",
+    "channel_binding",
+    "sslnegotiation",
+];
+
 const AUTH_USER: &[Entry] = &[
     leaf("username"),
     leaf("password"),
@@ -209,6 +219,18 @@ pub(super) const UNIMPLEMENTED: &[(&str, &str)] = &[
     ("etcd3.srv_suffix", "DNS SRV discovery is not supported"),
     ("etcd3.use_proxies", "etcd proxies are not supported"),
     (
+        "etcd3.key_password",
+        "encrypted keys are not supported; protect the key file with mode 0600",
+    ),
+    (
+        "watchdog.driver",
+        "only the Linux watchdog device is supported",
+    ),
+    (
+        "postgresql.database",
+        "pgkeep connects to the postgres database",
+    ),
+    (
         "etcd3.username",
         "etcd password authentication is not used; pgkeep authenticates to etcd with its client certificate",
     ),
@@ -347,6 +369,14 @@ fn check_section(
         } else {
             format!("{prefix}.{key}")
         };
+        if prefix.starts_with("postgresql.authentication.")
+            && UNIMPLEMENTED_AUTH_OPTIONS.contains(&key.as_str())
+        {
+            return Err(ShapeError {
+                path,
+                reason: "this Patroni option is not implemented by pgkeep: use sslmode, sslcert, sslkey and sslrootcert".into(),
+            });
+        }
         if let Some((_, why)) = UNIMPLEMENTED.iter().find(|(p, _)| *p == path) {
             return Err(ShapeError {
                 path,

@@ -410,6 +410,22 @@ impl Dcs for EtcdDcs {
             || get_result(&resp).is_some_and(|kv| kv.value().is_empty() && kv.lease() == lease))
     }
 
+    async fn confirm_initialize(&self, sysid: &str, lease: i64) -> Result<bool, DcsError> {
+        let key = self.key(&DcsKey::Initialize);
+        let txn = Txn::new()
+            .when(vec![
+                Compare::value(key.clone(), CompareOp::Equal, ""),
+                Compare::lease(key.clone(), CompareOp::Equal, lease),
+            ])
+            .and_then(vec![TxnOp::put(key.clone(), sysid, None)])
+            .or_else(vec![TxnOp::get(key, None)]);
+        let (resp, _) = self.txn("confirm_initialize", None, txn).await?;
+        // An earlier, unanswered attempt may have written it already.
+        Ok(resp.succeeded()
+            || get_result(&resp)
+                .is_some_and(|kv| kv.value() == sysid.as_bytes() && kv.lease() == 0))
+    }
+
     async fn set_initialize(&self, sysid: &str, create_only: bool) -> Result<bool, DcsError> {
         let key = self.key(&DcsKey::Initialize);
         if !create_only {

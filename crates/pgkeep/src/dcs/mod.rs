@@ -258,6 +258,15 @@ pub trait Dcs: Send + Sync {
     /// key already holds `""` on this lease).
     fn race_initialize(&self, lease: i64) -> impl Future<Output = Result<bool, DcsError>> + Send;
 
+    /// Turns a won bootstrap claim into the cluster's identity: `value(initialize) == "" and
+    /// lease(initialize) == lease → put(initialize, sysid)` without a lease. False when the claim
+    /// is no longer ours (it expired, and someone else may have claimed it).
+    fn confirm_initialize(
+        &self,
+        sysid: &str,
+        lease: i64,
+    ) -> impl Future<Output = Result<bool, DcsError>> + Send;
+
     /// Writes the system identifier to `initialize`, without a lease (it outlives every node).
     /// With `create_only` the write happens only if the key is absent; the result says whether
     /// it was written.

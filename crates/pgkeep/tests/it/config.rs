@@ -196,7 +196,7 @@ fn each_bad_input_names_file_key_and_reason() {
             "    - encoding: UTF8",
             "    - auth: trust",
             "bootstrap.initdb[0]",
-            "set by pgkeep",
+            "authentication, paths and checksums are pgkeep",
         ),
         (
             "  data_dir: /var/lib/pgkeep/demo/node1/data",
@@ -204,7 +204,66 @@ fn each_bad_input_names_file_key_and_reason() {
             "postgresql.data_dir",
             "absolute",
         ),
-        ("tags:\n", "tags:\n  nofailover: [1]\n", "tags", ""),
+        (
+            "  nofailover: false",
+            "  nofailover: [1]",
+            "tags.nofailover",
+            "not a valid value",
+        ),
+        (
+            "  nofailover: false",
+            "  nofailover: maybe",
+            "tags.nofailover",
+            "not a valid value",
+        ),
+        (
+            "    - hostssl all all 127.0.0.0/8 scram-sha-256",
+            "    - hostssl all all 10.0.0.0 255.255.255.0 trust",
+            "postgresql.pg_hba[0]",
+            "weak method trust",
+        ),
+        (
+            "    - hostssl all all 127.0.0.0/8 scram-sha-256",
+            "    - 'hostssl all all 10.1.0.0/24 \"trust\"'",
+            "postgresql.pg_hba[0]",
+            "weak method trust",
+        ),
+        (
+            "    - hostssl all all 127.0.0.0/8 scram-sha-256",
+            "    - \"# ok\\nhostssl all all 0.0.0.0/0 trust\"",
+            "postgresql.pg_hba[0]",
+            "control character",
+        ),
+        (
+            "    - hostssl all all 127.0.0.0/8 scram-sha-256",
+            "    - hostssl all all 127.0.0.0/8 ident",
+            "postgresql.pg_hba[0]",
+            "weak method ident",
+        ),
+        (
+            "    loop_wait: 2",
+            "    loop_wiat: 2",
+            "bootstrap.dcs.loop_wiat",
+            "not used by pgkeep",
+        ),
+        (
+            "    - encoding: UTF8",
+            "    - pwf: /etc/shadow",
+            "bootstrap.initdb[0]",
+            "not an initdb option pgkeep passes on",
+        ),
+        (
+            "  key: /etc/pgkeep/etcd-client.key",
+            "  key: /etc/pgkeep/etcd-client.key\n  key_password: x",
+            "etcd3.key_password",
+            "not implemented",
+        ),
+        (
+            "    pgaudit.log: ddl,role",
+            "    primary_conninfo: host=evil password=x",
+            "postgresql.parameters.primary_conninfo",
+            "pgkeep sets this itself",
+        ),
         (
             "scope: demo",
             "scope: \"de/mo\"",
@@ -257,6 +316,19 @@ fn the_local_allowlist_cannot_open_a_command_parameter() {
             "pgkeep.dynamic_parameter_allowlist[1]",
         ))
         .stderr(predicate::str::contains("operating-system command"));
+}
+
+#[test]
+fn a_config_others_can_write_is_refused_even_without_secrets() {
+    let dir = TempDir::new().unwrap();
+    let text = edit(
+        "    password: s3cret-Pa55",
+        "    password_file: /nonexistent",
+    );
+    let p = write(&dir, "node.yml", &text, 0o666);
+    check(&p)
+        .failure()
+        .stderr(predicate::str::contains("writable by group or others"));
 }
 
 #[test]
