@@ -9,24 +9,41 @@ use std::path::Path;
 /// directory is written, fsynced and renamed over the target, and the directory is fsynced.
 /// The mode is applied at creation, so a secret is never briefly world-readable.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let file_name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
-    {
+    // An unpredictable name, created exclusively and without following symlinks: nobody who can
+    // write into `dir` can make this write land in a file of their choosing.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(
+        ".{}.{}-{nonce:08x}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .mode(mode)
             .open(&tmp)?;
         // The mode given to open() is filtered by the umask; set it explicitly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
         f.sync_all()?;
+        // rename() replaces a symlink at `path` itself; it never writes through it.
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    fs::rename(&tmp, path)?;
+    written?;
     fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
@@ -34,4 +51,30 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 /// True when the file's mode grants any permission to group or others.
 pub fn readable_by_others(meta: &fs::Metadata) -> bool {
     meta.permissions().mode() & 0o077 != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn writes_with_the_mode_and_replaces_a_planted_symlink_instead_of_following_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let key = dir.path().join("ca.key");
+        std::os::unix::fs::symlink(&victim, &key).unwrap();
+        write_atomic(&key, b"secret", 0o600).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        let meta = fs::symlink_metadata(&key).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(fs::read(&key).unwrap(), b"secret");
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .collect();
+        assert_eq!(leftovers.len(), 2, "no temporary file left behind");
+    }
 }

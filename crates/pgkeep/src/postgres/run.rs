@@ -177,7 +177,10 @@ mod tests {
         let r = runner();
         // cargo and nextest set CARGO_PKG_NAME for the test process; the child must not see it.
         assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
-        let script = ["-c".into(), "echo $LC_ALL; echo ${CARGO_PKG_NAME:-none}".into()];
+        let script = [
+            "-c".into(),
+            "echo $LC_ALL; echo ${CARGO_PKG_NAME:-none}".into(),
+        ];
         let out = r
             .run("sh", &script, &[], Duration::from_secs(5))
             .await
