@@ -22,20 +22,21 @@ build: deps
 	$(CARGO) build --locked
 
 up: build
-	@echo "pgkeep: the agent and 'pgkeep up' come with the agent issue; the build and dependencies are ready."
+	target/debug/pgkeep up --dir $(DIR)
 
 down:
-	@echo "pgkeep: nothing to stop yet."
+	target/debug/pgkeep down --dir $(DIR) $(if $(PURGE),--purge)
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 test-fast: deps
-	$(CARGO) nextest run --locked --workspace --exclude pgkeep-testkit --lib --bins
+	$(CARGO) nextest run --locked -p pgkeep-core -p pgkeep-sim -p pgkeep --lib --bins
 
 test: deps lint
 	$(CARGO) nextest run --locked --workspace --no-tests=warn
 
+SEEDS ?= 100000
 sim: deps
-	$(CARGO) nextest run --locked -p pgkeep-core --run-ignored all sim
+	$(CARGO) run --locked -p pgkeep-sim --bin pgkeep-sim -- --seeds $(SEEDS)

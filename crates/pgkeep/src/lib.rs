@@ -10,5 +10,6 @@ pub mod config;
 pub mod dcs;
 pub mod fsutil;
 pub mod inventory;
+pub mod local;
 pub mod pki;
 pub mod postgres;

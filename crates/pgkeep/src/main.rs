@@ -24,6 +24,12 @@ enum Command {
     Config(cli::config::ConfigArgs),
     /// Certificate authority and certificates.
     Pki(cli::pki::PkiArgs),
+    /// Bring up the local secure environment (3 etcd members, 3 nodes) in a directory.
+    Up(cli::up::UpArgs),
+    /// Stop the local environment (keeps the data unless --purge).
+    Down(cli::up::DownArgs),
+    /// Operator CLI: list the cluster's members.
+    Ctl(cli::ctl::CtlArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +45,9 @@ fn main() -> std::process::ExitCode {
             .and_then(|rt| rt.block_on(pgkeep::agent::run(&config))),
         Command::Config(a) => cli::config::run(a),
         Command::Pki(a) => cli::pki::run(a),
+        Command::Up(a) => cli::up::run_up(a),
+        Command::Down(a) => cli::up::run_down(a),
+        Command::Ctl(a) => cli::ctl::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -213,18 +213,17 @@ impl Shell {
     pub(super) async fn observe(&mut self) -> LocalObservation {
         let pg = self.observe_pg().await;
         let snapshot = self.watch.snapshot();
-        let now = self.now();
-        if let Some(s) = &snapshot {
-            let rev = s.view.leader.as_ref().map(|l| l.mod_revision);
-            if rev != self.leader_seen.map(|(r, _)| r) {
-                self.leader_seen = rev.map(|r| (r, now));
-            }
-        }
         let dcs = DcsSession {
             reachable: self.watch.is_live(),
             view_revision: snapshot.as_ref().map_or(0, |s| s.revision),
-            leader_seen_at: self.leader_seen.map(|(_, at)| at),
-            deleted_leader: snapshot.as_ref().and_then(|s| s.deleted_leader.clone()),
+            deleted_leader: snapshot
+                .as_ref()
+                .and_then(|s| s.deleted_leader.as_ref())
+                .map(|d| pgkeep_core::ha::DeletedLeader {
+                    name: d.key.name.clone(),
+                    mod_revision: d.key.mod_revision,
+                    put_seen_at: d.put_seen_at.map(|t| self.millis(t)),
+                }),
             lease_revoked: self.lease_revoked,
             leader_lease: self.leader_lease,
             initialize_claimed: self.initialize_claimed,

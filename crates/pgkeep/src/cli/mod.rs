@@ -2,4 +2,6 @@
 //! library modules they call.
 
 pub mod config;
+pub mod ctl;
 pub mod pki;
+pub mod up;

@@ -190,7 +190,17 @@ pub struct Snapshot {
     /// The leader key as it was just before the last deletion the watch delivered without a
     /// gap (its holder and last `mod_revision`). `None` from a plain read, and after the watch
     /// had to start over, because then a renewal may have been missed.
-    pub deleted_leader: Option<LeaderKey>,
+    pub deleted_leader: Option<DeletedLeader>,
+}
+
+/// The last deletion of the leader key, as the watch saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedLeader {
+    /// The key before deletion (holder, lease, last `mod_revision`).
+    pub key: LeaderKey,
+    /// When the watch delivered the put that created that last revision, if it did. The
+    /// holder's lease cannot outlive this by more than `ttl`: every renewal puts the key.
+    pub put_seen_at: Option<Instant>,
 }
 
 /// A distributed configuration store holding one cluster's keys in Patroni's layout.

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, WatchOptions};
 use pgkeep_core::cluster::{ClusterView, LeaderKey, RawEntry};
+
+use super::DeletedLeader;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -143,7 +145,9 @@ struct Cache {
     /// (key suffix, mod_revision) of values already reported as not parsing.
     logged: HashSet<(String, i64)>,
     /// The leader key before its last deletion seen in this watch session.
-    deleted_leader: Option<LeaderKey>,
+    deleted_leader: Option<DeletedLeader>,
+    /// The leader key's latest put seen in this session: its revision and when it arrived.
+    leader_put_seen: Option<(i64, std::time::Instant)>,
 }
 
 impl Cache {
@@ -152,22 +156,33 @@ impl Cache {
         self.revision = revision;
         // Events between the old watch and this list are unknown.
         self.deleted_leader = None;
+        self.leader_put_seen = None;
     }
 
     fn apply(&mut self, changes: Vec<Change>, revision: i64) {
         for c in changes {
             match c.entry {
                 Some(e) => {
+                    if c.suffix == "leader" {
+                        self.leader_put_seen = Some((e.mod_revision, std::time::Instant::now()));
+                    }
                     self.entries.insert(c.suffix, e);
                 }
                 None => {
                     if let Some(gone) = self.entries.remove(&c.suffix)
                         && c.suffix == "leader"
                     {
-                        self.deleted_leader = Some(LeaderKey {
-                            name: String::from_utf8_lossy(&gone.value).trim().to_owned(),
-                            lease: gone.lease,
-                            mod_revision: gone.mod_revision,
+                        let put_seen_at = self
+                            .leader_put_seen
+                            .filter(|(rev, _)| *rev == gone.mod_revision)
+                            .map(|(_, at)| at);
+                        self.deleted_leader = Some(DeletedLeader {
+                            key: LeaderKey {
+                                name: String::from_utf8_lossy(&gone.value).trim().to_owned(),
+                                lease: gone.lease,
+                                mod_revision: gone.mod_revision,
+                            },
+                            put_seen_at,
                         });
                     }
                 }
@@ -515,7 +530,8 @@ mod tests {
         assert_eq!(c.snapshot("/b").deleted_leader, None);
         c.apply(vec![del("leader")], 8);
         let gone = c.snapshot("/b").deleted_leader.expect("deletion seen");
-        assert_eq!((gone.name.as_str(), gone.mod_revision), ("n1", 7));
+        assert_eq!((gone.key.name.as_str(), gone.key.mod_revision), ("n1", 7));
+        assert!(gone.put_seen_at.is_some(), "the put of revision 7 was seen");
         c.apply(vec![put("leader", "n2", 9)], 9);
         assert!(
             c.snapshot("/b").deleted_leader.is_some(),

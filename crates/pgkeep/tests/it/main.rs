@@ -5,4 +5,5 @@ mod api;
 mod config;
 mod dcs;
 mod harness;
+mod local;
 mod pki;

@@ -1,0 +1,77 @@
+//! `pgkeep up` and `pgkeep down`: the local secure environment (see [`crate::local`]).
+//!
+//! ```text
+//! pgkeep up   [--dir D] [--cluster NAME] [--ca-cert FILE --ca-key FILE] [--timeout SECS] [--no-agents]
+//! pgkeep down [--dir D] [--purge] [--timeout SECS]
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::local::down::{DownOptions, down};
+use crate::local::up::{UpOptions, up};
+
+/// Default environment directory (also the Makefile's `DIR`).
+pub const DEFAULT_DIR: &str = "/var/lib/pgkeep-demo";
+
+/// `pgkeep up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Environment directory (created if missing; every directory above it must be
+    /// traversable by the postgres and etcd users).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Cluster name of a new environment (host names are <host>.<cluster>.internal)
+    /// [default: demo].
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// An organisation CA certificate to issue every certificate from (new environment only).
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The organisation CA's key (0600).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Seconds to wait for the cluster to become healthy.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub timeout: u64,
+    /// Write the files, the /etc/hosts block and start etcd, but no agents.
+    #[arg(long)]
+    pub no_agents: bool,
+}
+
+/// `pgkeep down`.
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Environment directory.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Also delete the directory (all data, certificates and secrets) and the /etc/hosts block.
+    #[arg(long)]
+    pub purge: bool,
+    /// Seconds each agent may take to stop its PostgreSQL and exit.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
+}
+
+/// Runs `pgkeep up`.
+pub fn run_up(a: UpArgs) -> Result<()> {
+    up(&UpOptions {
+        dir: a.dir,
+        cluster: a.cluster,
+        organisation_ca: a.ca_cert.zip(a.ca_key),
+        timeout: Duration::from_secs(a.timeout),
+        agents: !a.no_agents,
+    })
+}
+
+/// Runs `pgkeep down`.
+pub fn run_down(a: DownArgs) -> Result<()> {
+    down(&DownOptions {
+        dir: a.dir,
+        purge: a.purge,
+        timeout: Duration::from_secs(a.timeout),
+    })
+}
