@@ -351,10 +351,13 @@ impl Shell {
         op: LongOperation,
         fut: impl std::future::Future<Output = Result<()>> + Send + 'static,
     ) {
-        self.busy = Some(Busy {
-            op,
-            handle: tokio::spawn(fut),
+        let done = self.busy_done.clone();
+        let handle = tokio::spawn(async move {
+            let r = fut.await;
+            done.notify_one();
+            r
         });
+        self.busy = Some(Busy { op, handle });
     }
 
     fn start_clone(&mut self, source: &str, wipe: bool) -> Result<()> {

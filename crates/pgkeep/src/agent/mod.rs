@@ -66,6 +66,10 @@ struct Shell {
     config_revision: i64,
     peer_client: Option<ApiClient>,
     api_tx: watch::Sender<Arc<ApiSnapshot>>,
+    /// Signalled when a background operation ends, so the next decision need not wait.
+    busy_done: Arc<tokio::sync::Notify>,
+    /// The state and reason of the previous decision, to log only changes at info level.
+    last_logged: String,
 }
 
 impl Shell {
@@ -175,12 +179,10 @@ impl Shell {
             let now = self.now();
             let decision = ha::decide(now, &self.ha, &snap.view, &obs);
             tracing::debug!(state = %decision.state, reason = %decision.reason, actions = ?decision.actions, "decision");
-            if !decision
-                .actions
-                .iter()
-                .all(|a| matches!(a, ha::Action::RenewLeaderKey | ha::Action::PublishMember(_)))
-            {
+            let summary = format!("{} {}", decision.state, decision.reason);
+            if summary != self.last_logged {
                 tracing::info!(state = %decision.state, reason = %decision.reason, "decision");
+                self.last_logged = summary;
             }
             self.memory = decision.memory.clone();
             let mut replan = false;
@@ -192,8 +194,24 @@ impl Shell {
             }
             self.publish(&obs, &snap, decision.state);
             rounds += 1;
+            // A decision that changed something (started, stopped, promoted, took or gave up a
+            // key) is followed at once by the next one instead of a whole loop_wait later.
+            let progressed = decision.actions.iter().any(|a| {
+                !matches!(
+                    a,
+                    ha::Action::RenewLeaderKey
+                        | ha::Action::PublishMember(_)
+                        | ha::Action::WriteStatus(_)
+                        | ha::Action::FetchPeerStatus { .. }
+                )
+            });
             if !replan || rounds >= 3 {
-                return decision.wake_at.min(self.now() + self.ha.loop_wait);
+                let next = decision.wake_at.min(self.now() + self.ha.loop_wait);
+                return if progressed && self.busy.is_none() {
+                    next.min(self.now() + Millis(20))
+                } else {
+                    next
+                };
             }
         }
     }
@@ -331,6 +349,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         config_revision: 0,
         peer_client,
         api_tx,
+        busy_done: Arc::new(tokio::sync::Notify::new()),
+        last_logged: String::new(),
         cfg,
     };
     if shell.watch.ready(Duration::from_secs(30)).await.is_err() {
@@ -341,6 +361,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut shutdown_started: Option<Instant> = None;
+    // One watch handle for the whole run: it remembers which leader change it last woke for.
+    let mut leader_watch = shell.watch.clone();
     loop {
         let wake = shell.cycle().await;
         if let Some(started) = shutdown_started {
@@ -352,10 +374,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
             }
         }
         let sleep = tokio::time::sleep_until(shell.instant(wake).into());
-        let mut leader_watch = shell.watch.clone();
+        let busy_done = shell.busy_done.clone();
         tokio::select! {
             _ = sleep => {}
             _ = leader_watch.leader_changed() => {}
+            _ = busy_done.notified() => {}
             _ = term.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
             _ = int.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
             _ = hup.recv() => shell.reload(config_path),
