@@ -226,23 +226,6 @@ pub fn login_role_sql(name: &str, verifier: &str, attrs: &str) -> Option<Vec<Str
     ])
 }
 
-/// The physical slot name for a member, as Patroni derives it: lower-case, every character
-/// outside `[a-z0-9_]` replaced by `_`, at most 63 bytes.
-pub fn slot_name_for(member: &str) -> String {
-    member
-        .to_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(63)
-        .collect()
-}
-
 /// Quotes one libpq connection-string value: single quotes, with `\` and `'` escaped.
 pub fn conninfo_quote(v: &str) -> String {
     let mut out = String::with_capacity(v.len() + 2);
@@ -423,12 +406,6 @@ mod tests {
         let sql = login_role_sql("app", "SCRAM-SHA-256$4096:abc$def:ghi", "NOSUPERUSER").unwrap();
         assert!(sql[1].ends_with("PASSWORD 'SCRAM-SHA-256$4096:abc$def:ghi'"));
     }
-    #[test]
-    fn slot_names_follow_patroni() {
-        assert_eq!(slot_name_for("Node-1.a"), "node_1_a");
-        assert_eq!(slot_name_for(&"x".repeat(80)).len(), 63);
-    }
-
     #[test]
     fn conninfo_is_quoted_and_passwordless() {
         let u = Upstream {

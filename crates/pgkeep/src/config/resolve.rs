@@ -351,6 +351,25 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
             .and_then(|l| l.format)
             .unwrap_or(LogFormat::Text),
     };
+    // A bare word must be a level: tracing would read `LOUD` as a target name and log nothing.
+    let levels = ["trace", "debug", "info", "warn", "error", "off"];
+    let bad_word = !log.level.contains(['=', ','])
+        && !levels.contains(&log.level.to_ascii_lowercase().as_str());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level)
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            if bad_word {
+                Err(format!("use one of {}", levels.join(", ")))
+            } else {
+                Ok(())
+            }
+        })
+    {
+        return Err(err(
+            "log.level",
+            format!("{:?} is not a log level or filter: {e}", log.level),
+        ));
+    }
 
     let mut cluster_networks = raw_pgkeep
         .cluster_networks

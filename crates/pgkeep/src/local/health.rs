@@ -14,7 +14,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use pgkeep_core::pgconf::{login_role_sql, slot_name_for};
+use pgkeep_core::ha::slot_name;
+use pgkeep_core::pgconf::login_role_sql;
 use tokio::io::AsyncWriteExt;
 
 use super::certs::operator_rest;
@@ -198,7 +199,7 @@ pub async fn check(
         if *lag > MAX_LAG {
             return Err(format!("{n} lags {lag} bytes behind the leader"));
         }
-        if !facts.slots.contains(&slot_name_for(n)) {
+        if !facts.slots.contains(&slot_name(n)) {
             return Err(format!("the leader has no replication slot for {n}"));
         }
         let out = psql(layout, h, pg, REPLICA_SQL)

@@ -241,6 +241,12 @@ fn each_bad_input_names_file_key_and_reason() {
             "weak method ident",
         ),
         (
+            "tags:\n",
+            "log:\n  level: LOUD\ntags:\n",
+            "log.level",
+            "not a log level",
+        ),
+        (
             "    loop_wait: 2",
             "    loop_wiat: 2",
             "bootstrap.dcs.loop_wiat",
