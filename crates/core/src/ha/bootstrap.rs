@@ -1,0 +1,123 @@
+//! Bootstrap and empty data directories: the `initialize` race, `initdb`, cloning.
+//!
+//! A node runs `initdb` only when all of these hold: its data directory is empty, it never
+//! joined a cluster (persisted marker), the operator created its first-start marker, it may
+//! become leader, nobody leads, `initialize` is absent, and it then won the compare-and-swap on
+//! `initialize`. Every other empty node clones.
+
+use crate::cluster::Initialize;
+
+use super::action::{Action, MemberState};
+use super::decide::{Ctx, Plan};
+use super::leader_race::{cluster_initialised, failover_priority};
+use super::reason::{Reason, WaitingForData};
+use super::rejoin::clone_source;
+use super::types::{DataDir, PgProcess};
+
+/// Rule family "bootstrap": the data directory is empty or invalid.
+pub(crate) fn plan_empty(cx: &mut Ctx<'_>) -> Plan {
+    let obs = cx.obs;
+    let wipe = obs.pg.data_dir == DataDir::Invalid;
+    if !cluster_initialised(cx) {
+        match &cx.view.initialize {
+            Some(Initialize::InProgress) if obs.dcs.initialize_claimed => {
+                cx.mem.initdb_here = true;
+                return Plan::new(MemberState::Bootstrapping, Reason::RunningInitdb)
+                    .with(Action::Initdb);
+            }
+            Some(Initialize::InProgress) => {
+                return Plan::new(
+                    MemberState::Uninitialized,
+                    Reason::BootstrapInProgressElsewhere,
+                );
+            }
+            _ => {}
+        }
+        let why = if obs.ever_joined {
+            Some(WaitingForData::EverJoined)
+        } else if !obs.bootstrap_allowed {
+            Some(WaitingForData::NoBootstrapMarker)
+        } else if failover_priority(&obs.tags) <= 0 {
+            Some(WaitingForData::NoFailoverTag)
+        } else {
+            None
+        };
+        return match why {
+            Some(w) => Plan::new(MemberState::Uninitialized, Reason::WaitingForData(w)),
+            None => Plan::new(MemberState::Bootstrapping, Reason::ClaimingInitialize)
+                .with(Action::ClaimInitialize),
+        };
+    }
+    // The cluster exists: never initdb, clone.
+    cx.mem.initdb_here = false;
+    match clone_source(cx) {
+        Some(source) => Plan::new(
+            MemberState::Cloning,
+            Reason::CloningReplica {
+                source: source.clone(),
+            },
+        )
+        .with(Action::Clone { source, wipe }),
+        None => Plan::new(
+            MemberState::Uninitialized,
+            Reason::WaitingForData(WaitingForData::NoSource),
+        ),
+    }
+}
+
+/// After this agent's `initdb`: first make the new system id the cluster's (compare-and-swap on
+/// our own claim), then take the key and start as the first primary. No takeover guard: there
+/// was never a leader. If the claim was lost meanwhile, the unused data directory is replaced
+/// by a clone of the winner's cluster.
+pub(crate) fn after_initdb(cx: &mut Ctx<'_>) -> Option<Plan> {
+    if !cx.mem.initdb_here {
+        return None;
+    }
+    let DataDir::Initialised { system_id } = &cx.obs.pg.data_dir else {
+        return None;
+    };
+    if cx.obs.pg.process != PgProcess::Stopped || cx.holds_key() {
+        cx.mem.initdb_here = false;
+        return None;
+    }
+    match &cx.view.initialize {
+        Some(Initialize::InProgress) if cx.obs.dcs.initialize_claimed => Some(
+            Plan::new(MemberState::Bootstrapping, Reason::ConfirmingInitialize).with(
+                Action::ConfirmInitialize {
+                    system_id: system_id.clone(),
+                },
+            ),
+        ),
+        Some(Initialize::SystemId(s)) if s == system_id && cx.view.leader.is_some() => {
+            // Somebody else leads our cluster already: we are an ordinary member.
+            cx.mem.initdb_here = false;
+            None
+        }
+        Some(Initialize::SystemId(s)) if s == system_id => {
+            cx.mem.primary_start_began = None;
+            Some(
+                Plan::new(
+                    MemberState::Bootstrapping,
+                    Reason::BootstrapTakingLeadership,
+                )
+                .with(Action::AcquireLeaderKey),
+            )
+        }
+        Some(Initialize::SystemId(s)) if s != system_id => {
+            let p = Plan::new(MemberState::Cloning, Reason::BootstrapLost);
+            Some(match clone_source(cx) {
+                Some(source) => {
+                    cx.mem.initdb_here = false;
+                    p.with(Action::Clone { source, wipe: true })
+                }
+                None => p,
+            })
+        }
+        // Claim gone and nobody else's cluster yet: wait (another claimant may be running
+        // initdb, or our own claim can be made again after a restart by an operator).
+        _ => Some(Plan::new(
+            MemberState::Bootstrapping,
+            Reason::BootstrapInProgressElsewhere,
+        )),
+    }
+}

@@ -1,0 +1,204 @@
+//! Following a leader, and rejoining it: timeline divergence, rewind, re-clone, upstream choice.
+
+use crate::cluster::Lsn;
+
+use super::action::{Action, MemberState, StartRole, StopMode};
+use super::decide::{Ctx, Plan};
+use super::reason::Reason;
+use super::slots;
+use super::types::PgProcess;
+
+/// Whether this node's WAL can continue on the leader's timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Divergence {
+    /// Our WAL is a prefix of the leader's history.
+    No,
+    /// Our WAL passed the switch point (or our timeline is not in the leader's history).
+    Yes {
+        /// Where our timeline ended in the leader's history.
+        switch_point: Option<Lsn>,
+    },
+    /// The leader's history is not published far enough to tell.
+    Unknown,
+}
+
+/// Rule "rejoin": compares our timeline and WAL end with the leader's timeline history.
+///
+/// Equal timelines: no divergence. Ours higher than the leader's: diverged (we were promoted on
+/// a timeline the leader never saw). Ours lower: find where our timeline ended in the history;
+/// WAL beyond that switch point diverged. When the history is `authoritative` (the leader
+/// confirmed it is the history of its current timeline) a timeline missing from it is a fork
+/// (diverged) and a position at or before the switch point is safe; otherwise only "diverged" can
+/// be concluded and everything else is unknown.
+pub fn divergence(
+    our_timeline: Option<u32>,
+    our_position: Lsn,
+    leader_timeline: Option<u32>,
+    history: Option<&[crate::cluster::HistoryEntry]>,
+    authoritative: bool,
+) -> Divergence {
+    let history_tl = history.map(|h| h.last().map_or(1, |e| e.parent_timeline + 1));
+    let Some(ours) = our_timeline else {
+        return Divergence::No;
+    };
+    let Some(leader) = leader_timeline.max(history_tl) else {
+        return Divergence::No;
+    };
+    if ours == leader {
+        return Divergence::No;
+    }
+    if ours > leader {
+        return Divergence::Yes { switch_point: None };
+    }
+    let entry = history.and_then(|h| h.iter().find(|e| e.parent_timeline == ours));
+    match entry {
+        Some(e) if our_position > e.switch_lsn => Divergence::Yes {
+            switch_point: Some(e.switch_lsn),
+        },
+        Some(_) if authoritative => Divergence::No,
+        None if authoritative => Divergence::Yes { switch_point: None },
+        _ => Divergence::Unknown,
+    }
+}
+
+/// The member to stream from: the `replicatefrom` member when it is running, none for
+/// `nostream`, otherwise the leader.
+pub(crate) fn desired_upstream(cx: &Ctx<'_>, leader: &str) -> Option<String> {
+    let tags = &cx.obs.tags;
+    if tags.nostream {
+        return None;
+    }
+    if let Some(rf) = tags.replicatefrom.as_deref()
+        && rf != cx.me()
+        && cx.member(rf).is_some_and(|m| m.state == "running")
+    {
+        return Some(rf.to_owned());
+    }
+    Some(leader.to_owned())
+}
+
+/// The member to clone from: a running `clonefrom` member (by name order), else the leader when
+/// it runs.
+pub(crate) fn clone_source(cx: &Ctx<'_>) -> Option<String> {
+    let me = cx.me();
+    let running = |n: &str| cx.member(n).is_some_and(|m| m.state == "running");
+    if let Some((n, _)) = cx
+        .view
+        .members
+        .iter()
+        .find(|(n, m)| n.as_str() != me && m.data.tags.clonefrom && running(n))
+    {
+        return Some(n.clone());
+    }
+    let leader = cx.view.leader.as_ref()?.name.as_str();
+    (leader != me && running(leader)).then(|| leader.to_owned())
+}
+
+/// Rule family "follow the leader" (another member holds the key).
+pub(crate) fn follow(cx: &mut Ctx<'_>, leader: &str) -> Plan {
+    let pg = &cx.obs.pg;
+    if cx.obs.requests.reinitialize {
+        return reinitialize(cx, leader);
+    }
+    let paused = cx.cfg.pause;
+    let leader_member = cx.member(leader);
+    let div = divergence(
+        pg.timeline,
+        pg.wal_position,
+        leader_member.and_then(|m| m.timeline),
+        cx.view.history.as_deref(),
+        leader_member.is_some_and(super::member::leader_history_authoritative),
+    );
+    let upstream = desired_upstream(cx, leader);
+    // A replica streaming from the leader is on the leader's history (PostgreSQL would refuse to
+    // stream otherwise), whatever a stale view says.
+    let div = if pg.is_running_replica() && pg.streaming && pg.upstream.as_deref() == Some(leader) {
+        Divergence::No
+    } else {
+        div
+    };
+    match pg.process {
+        PgProcess::Starting | PgProcess::Stopping | PgProcess::Promoting => {
+            Plan::new(MemberState::Starting, Reason::WaitingForPostgres)
+        }
+        PgProcess::Running => {
+            if let Divergence::Yes { switch_point } = div
+                && !paused
+            {
+                return Plan::new(MemberState::Rewinding, diverged_reason(cx, switch_point)).with(
+                    Action::Stop {
+                        mode: StopMode::Fast,
+                    },
+                );
+            }
+            if cx.obs.requests.restart {
+                return Plan::new(MemberState::Replica, Reason::RestartRequested)
+                    .with(Action::Restart);
+            }
+            let reason = if div == Divergence::Unknown {
+                Reason::WaitingForHistory
+            } else {
+                Reason::FollowingLeader {
+                    upstream: upstream.clone(),
+                }
+            };
+            let mut p = Plan::new(MemberState::Replica, reason);
+            if pg.upstream != upstream && !paused {
+                p = p.with(Action::Follow { upstream });
+            }
+            for a in slots::on_replica(cx) {
+                p = p.with(a);
+            }
+            p
+        }
+        PgProcess::Stopped if paused => Plan::new(MemberState::Stopped, Reason::Paused),
+        PgProcess::Stopped => match div {
+            Divergence::Unknown => Plan::new(MemberState::Stopped, Reason::WaitingForHistory),
+            Divergence::Yes { switch_point } => rewind_or_reclone(cx, leader, switch_point),
+            Divergence::No => {
+                Plan::new(MemberState::Starting, Reason::StartingReplica).with(Action::Start {
+                    role: StartRole::Replica { upstream },
+                })
+            }
+        },
+    }
+}
+
+fn diverged_reason(cx: &Ctx<'_>, switch_point: Option<Lsn>) -> Reason {
+    Reason::Diverged {
+        timeline: cx.obs.pg.timeline.unwrap_or(0),
+        position: cx.obs.pg.wal_position,
+        switch_point,
+    }
+}
+
+/// Rewind from the leader when `use_pg_rewind` is on and no rewind failed; re-clone otherwise.
+/// Both need the leader to run as primary.
+fn rewind_or_reclone(cx: &Ctx<'_>, leader: &str, switch_point: Option<Lsn>) -> Plan {
+    let leader_ready = cx
+        .member(leader)
+        .is_some_and(|m| m.state == "running" && m.role == "primary");
+    if !leader_ready {
+        return Plan::new(MemberState::Rewinding, diverged_reason(cx, switch_point));
+    }
+    if cx.cfg.use_pg_rewind && !cx.obs.rewind_failed {
+        Plan::new(MemberState::Rewinding, diverged_reason(cx, switch_point)).with(Action::Rewind {
+            source: leader.to_owned(),
+        })
+    } else {
+        Plan::new(MemberState::Cloning, Reason::RecloneAfterDivergence).with(Action::Clone {
+            source: leader.to_owned(),
+            wipe: true,
+        })
+    }
+}
+
+fn reinitialize(cx: &Ctx<'_>, leader: &str) -> Plan {
+    if !matches!(cx.obs.pg.process, PgProcess::Stopped) {
+        return Plan::new(MemberState::Cloning, Reason::Reinitialize).with(Action::Stop {
+            mode: StopMode::Fast,
+        });
+    }
+    let source = super::rejoin::clone_source(cx).unwrap_or_else(|| leader.to_owned());
+    Plan::new(MemberState::Cloning, Reason::Reinitialize).with(Action::Clone { source, wipe: true })
+}
