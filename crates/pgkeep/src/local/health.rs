@@ -18,7 +18,6 @@ use pgkeep_core::ha::slot_name;
 use pgkeep_core::pgconf::login_role_sql;
 use tokio::io::AsyncWriteExt;
 
-use super::certs::operator_rest;
 use super::files::{role_password_file, secret};
 use super::{ADMIN_ROLE, APP_ROLE, Layout, PG_BIN_DIR, ServiceUser};
 use crate::api::client::ApiClientBuilder;
@@ -219,9 +218,8 @@ pub async fn check(
         }
     }
     let url = format!("https://{}:{}/primary", inv.fqdn(&leader), lh.api_port);
-    let op = operator_rest(layout);
+    // Anonymous, as a load balancer's health check is: no credentials to refuse or log.
     let client = ApiClientBuilder::from_ca_file(&layout.ca_cert())
-        .and_then(|b| b.identity_files(&op.cert, &op.key))
         .and_then(|b| b.timeout(Duration::from_secs(3)).build())
         .map_err(|e| format!("REST client: {e}"))?;
     match client.get(&url).await {

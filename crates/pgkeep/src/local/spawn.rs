@@ -211,6 +211,23 @@ pub fn start(spec: &Spec) -> Result<u32> {
         .spawn()
         .with_context(|| format!("starting {} ({})", spec.name, spec.program.display()))?;
     let pid = child.id();
+    // setsid and setpriv exec in place, so the PID stays; wait (bounded) until the program
+    // itself runs, so a check right after this call does not see the launcher and conclude
+    // the service exited.
+    let mut child = child;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if is(pid, &spec.identity) {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{} exited at once ({status}); see {}", spec.name, spec.log.display());
+        }
+        if Instant::now() >= deadline {
+            bail!("{} did not start within 5 s; see {}", spec.name, spec.log.display());
+        }
+        sleep(Duration::from_millis(10));
+    }
     // The child is not waited for: it outlives this process (init adopts it).
     drop(child);
     write_pid(&spec.pid_file, pid)?;

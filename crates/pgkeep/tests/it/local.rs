@@ -21,7 +21,7 @@ const AVOID_PORTS: &[u16] = &[
     23792, 23793, 23801, 23802, 23803, 25000, 25001,
 ];
 
-fn pgkeep(args: &[&str]) -> Output {
+pub(crate) fn pgkeep(args: &[&str]) -> Output {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgkeep"))
         .args(args)
         .output()
@@ -35,7 +35,7 @@ fn pgkeep(args: &[&str]) -> Output {
     out
 }
 
-fn ok(args: &[&str]) -> Result<String> {
+pub(crate) fn ok(args: &[&str]) -> Result<String> {
     let out = pgkeep(args);
     ensure!(
         out.status.success(),
@@ -47,13 +47,13 @@ fn ok(args: &[&str]) -> Result<String> {
 }
 
 /// A unique environment directory and cluster name; dropping it purges the environment.
-struct Scenario {
-    dir: PathBuf,
-    cluster: String,
+pub(crate) struct Scenario {
+    pub(crate) dir: PathBuf,
+    pub(crate) cluster: String,
 }
 
 impl Scenario {
-    fn new(name: &str) -> Scenario {
+    pub(crate) fn new(name: &str) -> Scenario {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{}", std::process::id(), n);
@@ -63,21 +63,21 @@ impl Scenario {
         }
     }
 
-    fn d(&self) -> &str {
+    pub(crate) fn d(&self) -> &str {
         self.dir.to_str().unwrap()
     }
 
-    fn up(&self, extra: &[&str]) -> Result<String> {
+    pub(crate) fn up(&self, extra: &[&str]) -> Result<String> {
         let mut args = vec!["up", "--dir", self.d(), "--cluster", &self.cluster];
         args.extend_from_slice(extra);
         ok(&args)
     }
 
-    fn inventory(&self) -> Result<Inventory> {
+    pub(crate) fn inventory(&self) -> Result<Inventory> {
         Ok(Inventory::load(&self.dir.join("inventory.yml"))?)
     }
 
-    fn pid(&self, name: &str) -> Result<u32> {
+    pub(crate) fn pid(&self, name: &str) -> Result<u32> {
         let f = self.dir.join("run").join(format!("{name}.pid"));
         fs::read_to_string(&f)
             .with_context(|| format!("reading {}", f.display()))?
@@ -86,12 +86,12 @@ impl Scenario {
             .context("pid file content")
     }
 
-    fn hosts_block(&self) -> bool {
+    pub(crate) fn hosts_block(&self) -> bool {
         let hosts = fs::read_to_string("/etc/hosts").unwrap_or_default();
         hosts.contains(&format!("# dir {}\n", self.d()))
     }
 
-    fn ctl_list(&self) -> Result<Vec<Value>> {
+    pub(crate) fn ctl_list(&self) -> Result<Vec<Value>> {
         let ctl = self.dir.join("ctl.yml");
         let out = ok(&[
             "ctl",
@@ -134,7 +134,7 @@ impl Drop for Scenario {
     }
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
@@ -314,7 +314,7 @@ fn local_up_without_agents_prepares_everything_and_down_purge_removes_it() -> Re
 }
 
 /// The system identifier `up` printed in its summary.
-fn sysid(up_out: &str) -> Result<String> {
+pub(crate) fn sysid(up_out: &str) -> Result<String> {
     up_out
         .lines()
         .find_map(|l| l.split("system identifier ").nth(1))
@@ -322,7 +322,7 @@ fn sysid(up_out: &str) -> Result<String> {
         .context("no system identifier in up's output")
 }
 
-fn check_members(rows: &[Value]) -> Result<()> {
+pub(crate) fn check_members(rows: &[Value]) -> Result<()> {
     ensure!(rows.len() == 3, "{rows:?}");
     let leaders = rows.iter().filter(|r| r["role"] == "leader").count();
     let replicas: Vec<&Value> = rows.iter().filter(|r| r["role"] == "replica").collect();
@@ -342,7 +342,7 @@ fn check_members(rows: &[Value]) -> Result<()> {
 
 /// The members as `ctl list` shows them settle within a few HA loops of `up` reporting
 /// healthy (each agent publishes its member key once per loop).
-fn wait_members(sc: &Scenario) -> Result<()> {
+pub(crate) fn wait_members(sc: &Scenario) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         match check_members(&sc.ctl_list()?) {

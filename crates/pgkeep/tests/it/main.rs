@@ -7,3 +7,4 @@ mod dcs;
 mod harness;
 mod local;
 mod pki;
+mod quickstart;
