@@ -100,7 +100,7 @@ impl Pki {
     fn with_ca(common_name: &str) -> Pki {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("pki");
-        let ca = Ca::create(common_name, 30).unwrap();
+        let ca = Ca::create(common_name, 31).unwrap();
         ca.write(&dir).unwrap();
         Pki { _tmp: tmp, dir, ca }
     }
@@ -306,8 +306,8 @@ fn validity_is_explicit_not_the_library_default() {
     let ca_info = pki::inspect(&pki.ca_cert()).unwrap();
     assert_eq!(
         ca_info.days_left(),
-        29,
-        "a 30-day CA; seconds_left = {}",
+        30,
+        "a 31-day CA; seconds_left = {}",
         ca_info.seconds_left
     );
     let files = pki.issue(
@@ -319,7 +319,7 @@ fn validity_is_explicit_not_the_library_default() {
     // A leaf may not outlive its CA.
     let err = pki
         .ca
-        .issue(&request("c", Usage::Client, &[], &[], 31))
+        .issue(&request("c", Usage::Client, &[], &[], 32))
         .unwrap_err();
     assert!(matches!(err, PkiError::CaValidity { .. }), "{err}");
 }

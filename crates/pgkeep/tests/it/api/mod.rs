@@ -37,7 +37,7 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::create("pgkeep api test CA", 30).unwrap();
+        let ca = Ca::create("pgkeep api test CA", 31).unwrap();
         let ca_cert = ca.write(dir.path()).unwrap().cert;
         let issued = ca
             .issue(&CertRequest {
