@@ -158,6 +158,7 @@ impl World {
             busy: n.pg.long_op(),
             rewind_failed: n.agent.rewind_failed,
             ever_joined: n.ever_joined,
+            initdb_unconfirmed: n.initdb_unconfirmed,
             bootstrap_allowed: n.bootstrap_allowed,
             watchdog_failed: false,
             requests: n.agent.requests.clone(),

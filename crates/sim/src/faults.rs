@@ -203,6 +203,7 @@ pub(crate) fn setup(rng: &mut Rng, sim: &SimConfig) -> (HaConfig, Profile, Vec<N
                 clock: Clock::new(1.0 + rng.float(-0.01, 0.01), rng.range(0, 1_000_000)),
                 wall_offset: rng.range(0, 4_000) as i64 - 2_000,
                 ever_joined: false,
+                initdb_unconfirmed: false,
                 bootstrap_allowed: i == 0 || (i == 1 && rng.chance(0.3)),
                 watchdog: None,
                 wd_gen: 0,
@@ -343,6 +344,7 @@ impl World {
                 node.pg.history.clear();
                 node.pg.slots.clear();
                 node.pg.tl = 1;
+                node.initdb_unconfirmed = false;
                 if param % 2 == 0 {
                     node.ever_joined = false;
                 }

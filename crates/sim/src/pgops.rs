@@ -145,6 +145,7 @@ impl World {
                     return;
                 }
                 if wipe {
+                    self.nodes[i].initdb_unconfirmed = false;
                     let pg = &mut self.nodes[i].pg;
                     pg.data = Data::Empty;
                     pg.wal.clear();
@@ -162,9 +163,13 @@ impl World {
                         format!("{name} ran initdb although `initialize` holds a system id"),
                     );
                 }
+                self.nodes[i].initdb_unconfirmed = true;
                 self.long(i, LongOperation::Initdb, None);
             }
-            Action::PersistJoined => self.nodes[i].ever_joined = true,
+            Action::PersistJoined => {
+                self.nodes[i].ever_joined = true;
+                self.nodes[i].initdb_unconfirmed = false;
+            }
             Action::SetSyncStandbyNames(s) => {
                 trace!(self, "{name}: synchronous_standby_names = '{}'", s.to_guc());
                 self.nodes[i].pg.ssn = s;

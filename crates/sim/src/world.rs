@@ -83,6 +83,8 @@ pub(crate) struct Node {
     pub(crate) wall_offset: i64,
     pub(crate) ever_joined: bool,
     pub(crate) bootstrap_allowed: bool,
+    /// Persisted: the data directory is our own unconfirmed `initdb`.
+    pub(crate) initdb_unconfirmed: bool,
     /// Real time the watchdog fires, if armed.
     pub(crate) watchdog: Option<u64>,
     pub(crate) wd_gen: u64,
@@ -380,7 +382,7 @@ impl World {
     /// Runs the simulation to its end.
     pub(crate) fn run(mut self) -> Outcome {
         crate::faults::schedule(&mut self);
-        while let Some(((t, _), ev)) = self.queue.pop_first() {
+        while let Some(((t, seq), ev)) = self.queue.pop_first() {
             if t > self.end {
                 break;
             }
@@ -389,7 +391,7 @@ impl World {
                 self.now = t;
             }
             self.stats.events += 1;
-            self.handle(ev);
+            self.handle(ev, seq);
         }
         self.boundary();
         self.stats.sim_ms = self.now;
@@ -402,12 +404,15 @@ impl World {
         }
     }
 
-    fn handle(&mut self, ev: Ev) {
+    fn handle(&mut self, ev: Ev, seq: u64) {
         if let Some(i) = ev.agent_target() {
             let a = &self.nodes[i].agent;
             if a.alive && a.frozen_until > self.now {
+                // Deferred until the thaw, keeping its original sequence number so that events
+                // to a frozen agent (a watch stream, say) stay in order however often the freeze
+                // is extended.
                 let t = a.frozen_until;
-                self.at(t, ev);
+                self.queue.insert((t, seq), ev);
                 return;
             }
         }

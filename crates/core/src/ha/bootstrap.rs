@@ -21,7 +21,6 @@ pub(crate) fn plan_empty(cx: &mut Ctx<'_>) -> Plan {
     if !cluster_initialised(cx) {
         match &cx.view.initialize {
             Some(Initialize::InProgress) if obs.dcs.initialize_claimed => {
-                cx.mem.initdb_here = true;
                 return Plan::new(MemberState::Bootstrapping, Reason::RunningInitdb)
                     .with(Action::Initdb);
             }
@@ -49,7 +48,6 @@ pub(crate) fn plan_empty(cx: &mut Ctx<'_>) -> Plan {
         };
     }
     // The cluster exists: never initdb, clone.
-    cx.mem.initdb_here = false;
     match clone_source(cx) {
         Some(source) => Plan::new(
             MemberState::Cloning,
@@ -70,14 +68,13 @@ pub(crate) fn plan_empty(cx: &mut Ctx<'_>) -> Plan {
 /// was never a leader. If the claim was lost meanwhile, the unused data directory is replaced
 /// by a clone of the winner's cluster.
 pub(crate) fn after_initdb(cx: &mut Ctx<'_>) -> Option<Plan> {
-    if !cx.mem.initdb_here {
+    if !cx.obs.initdb_unconfirmed {
         return None;
     }
     let DataDir::Initialised { system_id } = &cx.obs.pg.data_dir else {
         return None;
     };
     if cx.obs.pg.process != PgProcess::Stopped || cx.holds_key() {
-        cx.mem.initdb_here = false;
         return None;
     }
     match &cx.view.initialize {
@@ -90,7 +87,6 @@ pub(crate) fn after_initdb(cx: &mut Ctx<'_>) -> Option<Plan> {
         ),
         Some(Initialize::SystemId(s)) if s == system_id && cx.view.leader.is_some() => {
             // Somebody else leads our cluster already: we are an ordinary member.
-            cx.mem.initdb_here = false;
             None
         }
         Some(Initialize::SystemId(s)) if s == system_id => {
@@ -106,15 +102,16 @@ pub(crate) fn after_initdb(cx: &mut Ctx<'_>) -> Option<Plan> {
         Some(Initialize::SystemId(s)) if s != system_id => {
             let p = Plan::new(MemberState::Cloning, Reason::BootstrapLost);
             Some(match clone_source(cx) {
-                Some(source) => {
-                    cx.mem.initdb_here = false;
-                    p.with(Action::Clone { source, wipe: true })
-                }
+                Some(source) => p.with(Action::Clone { source, wipe: true }),
                 None => p,
             })
         }
-        // Claim gone and nobody else's cluster yet: wait (another claimant may be running
-        // initdb, or our own claim can be made again after a restart by an operator).
+        // Our claim expired before we confirmed it, and nobody claimed since: claim again.
+        None if cx.view.leader.is_none() => Some(
+            Plan::new(MemberState::Bootstrapping, Reason::ClaimingInitialize)
+                .with(Action::ClaimInitialize),
+        ),
+        // Another node is bootstrapping: wait for its outcome.
         _ => Some(Plan::new(
             MemberState::Bootstrapping,
             Reason::BootstrapInProgressElsewhere,

@@ -138,8 +138,12 @@ impl<'a> Ctx<'a> {
             // We lead again: the old marker is moot.
             self.mem.released_revision = None;
         }
+        let holding = self.holds_key();
+        if holding && !self.mem.was_holding {
+            self.mem.guard_computed = false;
+        }
+        self.mem.was_holding = holding;
         if !self.holds_key() {
-            self.mem.promote_not_before = None;
             self.mem.handover = None;
             self.mem.primary_start_began = None;
             self.mem.sync_change_lsn = None;
@@ -409,14 +413,21 @@ impl<'a> Ctx<'a> {
             });
             return switchover::continue_handover(self);
         }
-        let not_before = match self.mem.promote_not_before {
-            Some(t) => t,
-            None => {
-                let t = leader_race::takeover_not_before(self).unwrap_or(self.now + self.cfg.ttl);
-                self.mem.promote_not_before = Some(t);
-                t
-            }
-        };
+        if !self.mem.guard_computed || self.mem.promote_not_before.is_none() {
+            let ttl_from_now = self.now + self.cfg.ttl;
+            let guard = match &self.obs.dcs.deleted_leader {
+                // We held the key last (and did not promote, or were fenced): the guard of the
+                // holder before us still applies. Unknown after an agent restart: a full ttl.
+                Some(d) if d.name == self.me() => self
+                    .mem
+                    .promote_not_before
+                    .map_or(ttl_from_now, |g| g.max(self.now)),
+                _ => leader_race::takeover_not_before(self).unwrap_or(ttl_from_now),
+            };
+            self.mem.promote_not_before = Some(guard);
+            self.mem.guard_computed = true;
+        }
+        let not_before = self.mem.promote_not_before.unwrap_or(self.now);
         if self.now < not_before {
             return Plan::new(
                 MemberState::LeaderPending,
@@ -478,8 +489,8 @@ impl<'a> Ctx<'a> {
     /// The leader's cycle with a running primary.
     fn primary_cycle(&mut self) -> Plan {
         self.mem.primary_start_began = None;
-        self.mem.initdb_here = false;
-        self.mem.promote_not_before = None;
+        // A primary's own term needs no guard if it loses the key and takes it again.
+        self.mem.promote_not_before = Some(self.now);
         let mut note = None;
         match switchover::on_leader(self) {
             Some(switchover::LeaderRequest::Act(p)) => return p,

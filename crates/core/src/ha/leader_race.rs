@@ -24,17 +24,16 @@ pub fn failover_priority(tags: &Tags) -> i64 {
 /// A holder's deadline is at most `ttl` after the send time of its last renewal, and every
 /// renewal puts the key. When the watch delivered that last put, the guard ends `ttl` after it
 /// arrived (normally about when the key expired: no extra wait). When the old holder published
-/// the release marker for exactly that revision, its PostgreSQL is stopped: no wait. When we
-/// were the holder ourselves, our PostgreSQL is the replica promoting now: no wait. Otherwise
+/// the release marker for exactly that revision, its PostgreSQL is stopped: no wait. (When we
+/// were the holder ourselves, the promotion rule carries our previous guard over.) Otherwise
 /// (`None`) the caller waits `ttl` from now: the last renewal happened before the key was
 /// deleted, which happened before our create. This makes an early lease revocation
 /// (etcd#15247), an etcd clock running fast, or a view that missed a whole leadership harmless.
 pub(crate) fn takeover_not_before(cx: &Ctx<'_>) -> Option<Millis> {
     let del = cx.obs.dcs.deleted_leader.as_ref()?;
-    if del.name == cx.me()
-        || cx
-            .member(&del.name)
-            .is_some_and(|m| member::released_at(m, del.mod_revision))
+    if cx
+        .member(&del.name)
+        .is_some_and(|m| member::released_at(m, del.mod_revision))
     {
         return Some(cx.now);
     }
@@ -219,7 +218,6 @@ pub(crate) fn plan(cx: &mut Ctx<'_>) -> Plan {
             );
         }
     }
-    cx.mem.promote_not_before = None;
     with_pre(
         pre,
         Plan::new(MemberState::Candidate, Reason::AcquiringLeaderKey)

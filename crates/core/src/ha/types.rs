@@ -281,6 +281,11 @@ pub struct LocalObservation {
     /// Persisted marker: this node's data directory once belonged to the cluster (bootstrap or
     /// clone completed). A node with this marker never runs `initdb` again.
     pub ever_joined: bool,
+    /// Persisted marker the shell sets when it starts `initdb` and clears on `PersistJoined` or
+    /// when the data directory is wiped: the data directory is this node's own new cluster,
+    /// whose system id has not been confirmed as the cluster's. Such a directory may be
+    /// replaced by a clone if another node's bootstrap won.
+    pub initdb_unconfirmed: bool,
     /// Persisted first-start marker the operator creates on the one node allowed to run `initdb`
     /// for a new cluster. Without it a node only ever clones.
     pub bootstrap_allowed: bool,
@@ -301,9 +306,15 @@ pub struct HaMemory {
     pub last_leader: Option<SeenLeader>,
     /// When the leader key was first seen missing, since it was last present.
     pub leader_absent_since: Option<Millis>,
-    /// The takeover guard of the current leadership term: this node must not promote before
-    /// this instant. Computed by the first decision whose view shows this node's own leader key.
+    /// The takeover guard of the current (or last) leadership term: this node must not promote
+    /// before this instant. Computed by the first decision of a term whose view shows this
+    /// node's own leader key, and kept after the term ends: if the key is lost before promoting
+    /// and taken again, the guard of the holder before carries over.
     pub promote_not_before: Option<Millis>,
+    /// This node held the key at the previous decision.
+    pub was_holding: bool,
+    /// The guard of the current term has been computed.
+    pub guard_computed: bool,
     /// When this agent started PostgreSQL as primary while holding the key (crash recovery).
     pub primary_start_began: Option<Millis>,
     /// A switchover or release in progress on this (leader) node.
@@ -311,8 +322,6 @@ pub struct HaMemory {
     /// `synchronous_standby_names` was changed to add standbys at this primary flush LSN; they
     /// count as synchronous only once they flushed it.
     pub sync_change_lsn: Option<Lsn>,
-    /// This agent ran `initdb` for a new cluster and has not started it yet.
-    pub initdb_here: bool,
     /// This node released the leader key at this revision on purpose; its member key carries the
     /// release marker until this node leads again. (A stale marker is harmless: it only matters
     /// for the deletion of exactly that revision.)

@@ -28,7 +28,18 @@ pub(super) enum Outcome {
 impl Shell {
     pub(super) async fn execute(&mut self, action: &Action) -> Outcome {
         let name = action_name(action);
-        let result = self.execute_inner(action).await;
+        // While this node may hold the lease, no DCS call may run past the lease deadline: the
+        // next decision must be able to fence in time, whatever etcd does.
+        let budget = self.leader_lease.filter(|_| action.is_dcs()).map(|l| {
+            self.instant(self.ha.lease_deadline(l.sent_at, l.granted_ttl))
+                .saturating_duration_since(std::time::Instant::now())
+        });
+        let result = match budget {
+            Some(b) => tokio::time::timeout(b, self.execute_inner(action))
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("the lease deadline arrived during {name}"))),
+            None => self.execute_inner(action).await,
+        };
         match result {
             Ok(o) => o,
             Err(e) => {
@@ -161,6 +172,9 @@ impl Shell {
                     self.layout
                         .config_dir
                         .join(super::observe::BOOTSTRAP_MARKER),
+                );
+                let _ = std::fs::remove_file(
+                    self.layout.config_dir.join(super::observe::INITDB_MARKER),
                 );
             }
             Action::PublishMember(data) => self.dcs.put_member(&me, data, self.lease.id).await?,
@@ -363,10 +377,12 @@ impl Shell {
     fn start_clone(&mut self, source: &str, wipe: bool) -> Result<()> {
         let conninfo = self.tool_conninfo(source, false)?;
         let instance = self.instance.clone();
+        let initdb_marker = self.layout.config_dir.join(super::observe::INITDB_MARKER);
         tracing::info!(%source, wipe, "cloning with pg_basebackup");
         self.spawn_busy(LongOperation::Clone, async move {
             if wipe {
                 wipe_data_dir(&instance)?;
+                let _ = std::fs::remove_file(initdb_marker);
             }
             let args: Vec<OsString> = vec![
                 "-D".into(),
@@ -419,6 +435,9 @@ impl Shell {
         let extra = self.cfg.bootstrap.initdb.clone();
         let layout = self.layout.clone();
         self.fresh_bootstrap = true;
+        let marker = self.layout.config_dir.join(super::observe::INITDB_MARKER);
+        crate::fsutil::write_atomic(&marker, b"", 0o600)
+            .with_context(|| format!("writing {}", marker.display()))?;
         tracing::info!("running initdb for a new cluster");
         self.spawn_busy(LongOperation::Initdb, async move {
             instance

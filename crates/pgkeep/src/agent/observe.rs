@@ -19,6 +19,9 @@ pub(super) const JOINED_MARKER: &str = "pgkeep-joined";
 /// File in the configuration directory, created by `pgkeep up`/`init` on the one node allowed to
 /// run initdb for a new cluster.
 pub(super) const BOOTSTRAP_MARKER: &str = "pgkeep-bootstrap-allowed";
+/// File in the configuration directory while the data directory holds this node's own initdb
+/// whose system identifier the cluster has not confirmed yet.
+pub(super) const INITDB_MARKER: &str = "pgkeep-initdb-unconfirmed";
 
 impl Shell {
     /// One observation of PostgreSQL. SQL is used only while the postmaster says it accepts
@@ -239,6 +242,7 @@ impl Shell {
             busy: self.busy.as_ref().map(|b| b.op),
             rewind_failed: self.rewind_failed,
             ever_joined: self.marker(JOINED_MARKER),
+            initdb_unconfirmed: self.marker(INITDB_MARKER),
             bootstrap_allowed: self.marker(BOOTSTRAP_MARKER),
             watchdog_failed: false,
             requests: self.requests.clone(),

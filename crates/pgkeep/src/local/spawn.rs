@@ -221,10 +221,18 @@ pub fn start(spec: &Spec) -> Result<u32> {
             break;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            bail!("{} exited at once ({status}); see {}", spec.name, spec.log.display());
+            bail!(
+                "{} exited at once ({status}); see {}",
+                spec.name,
+                spec.log.display()
+            );
         }
         if Instant::now() >= deadline {
-            bail!("{} did not start within 5 s; see {}", spec.name, spec.log.display());
+            bail!(
+                "{} did not start within 5 s; see {}",
+                spec.name,
+                spec.log.display()
+            );
         }
         sleep(Duration::from_millis(10));
     }

@@ -120,8 +120,9 @@ fn bootstrap_winner_confirms_initialize_then_takes_key_and_starts_primary() {
     fx.view.initialize = Some(Initialize::InProgress);
     fx.obs.dcs.initialize_claimed = true;
     let d = fx.decide();
-    assert!(d.memory.initdb_here);
+    assert!(d.has(|a| *a == Action::Initdb));
     fx.obs.memory = d.memory;
+    fx.obs.initdb_unconfirmed = true;
     fx.obs.pg.data_dir = DataDir::Initialised {
         system_id: SYSID.into(),
     };
@@ -164,7 +165,7 @@ fn bootstrap_lost_to_another_cluster_reclones() {
         },
         ..PgObservation::default()
     };
-    fx.obs.memory.initdb_here = true;
+    fx.obs.initdb_unconfirmed = true;
     let d = fx.decide();
     assert_eq!(d.reason, Reason::BootstrapLost);
     assert_eq!(
@@ -174,8 +175,8 @@ fn bootstrap_lost_to_another_cluster_reclones() {
             wipe: true
         }]
     );
-    // Without the memory of our own initdb, a foreign data directory is never wiped.
-    fx.obs.memory.initdb_here = false;
+    // Without the marker of our own initdb, a foreign data directory is never wiped.
+    fx.obs.initdb_unconfirmed = false;
     assert_eq!(fx.decide().state, MemberState::Halted);
 }
 
@@ -211,4 +212,16 @@ fn node_with_data_publishes_missing_initialize() {
             create_only: true
         }
     );
+}
+
+#[test]
+fn expired_bootstrap_claim_is_made_again() {
+    let mut fx = fresh_cluster("n1");
+    fx.obs.initdb_unconfirmed = true;
+    fx.obs.pg.data_dir = DataDir::Initialised {
+        system_id: SYSID.into(),
+    };
+    let d = fx.decide();
+    assert_eq!(d.reason, Reason::ClaimingInitialize);
+    assert_eq!(acts(&d), vec![Action::ClaimInitialize]);
 }

@@ -234,7 +234,9 @@ fn race_leaves_the_guard_to_the_first_decision_holding_the_key() {
     let mut fx = Fx::leaderless("n2");
     fx.peers(&[]);
     fx.obs.memory.promote_not_before = Some(Millis(1));
-    assert_eq!(guard(&fx), None);
+    // Unchanged by the race (it may carry over to our next term).
+    assert_eq!(guard(&fx), Some(Millis(1)));
+    assert!(!fx.decide().memory.guard_computed);
 }
 
 #[test]
@@ -290,17 +292,31 @@ fn takeover_guard_skipped_after_deliberate_release() {
 }
 
 #[test]
-fn takeover_guard_skipped_when_we_held_the_key() {
+fn takeover_guard_carries_over_when_we_held_the_key_last() {
+    // We held the key before (never promoted) and lost it; the guard of the holder before us
+    // still runs until now + 3 s.
     let mut fx = holding("n2");
     fx.obs.dcs.deleted_leader.as_mut().unwrap().name = "n2".into();
+    fx.obs.memory.promote_not_before = Some(fx.now + Millis(3000));
+    assert_eq!(guard(&fx), Some(fx.now + Millis(3000)));
+    // Our old guard long past (we were primary): promote now.
+    fx.obs.memory.promote_not_before = Some(Millis(5));
     assert_eq!(guard(&fx), Some(fx.now));
+    // Memory lost (agent restart): a full ttl.
+    fx.obs.memory.promote_not_before = None;
+    assert_eq!(guard(&fx), Some(fx.now + fx.cfg.ttl));
 }
 
 #[test]
 fn takeover_guard_is_computed_once_per_term() {
     let mut fx = holding("n2");
+    fx.obs.memory.was_holding = true;
+    fx.obs.memory.guard_computed = true;
     fx.obs.memory.promote_not_before = Some(fx.now + Millis(5000));
     assert_eq!(guard(&fx), Some(fx.now + Millis(5000)));
+    // A new term (we were not holding at the previous decision) recomputes it.
+    fx.obs.memory.was_holding = false;
+    assert_eq!(guard(&fx), Some(fx.now + Millis(1000)));
 }
 
 #[test]
@@ -325,6 +341,8 @@ fn promote_waits_for_takeover_guard() {
         revision: 10,
     });
     fx.obs.memory.promote_not_before = Some(fx.now + Millis(500));
+    fx.obs.memory.was_holding = true;
+    fx.obs.memory.guard_computed = true;
     let d = fx.decide();
     assert_eq!(
         d.reason,

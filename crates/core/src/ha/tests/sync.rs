@@ -177,6 +177,8 @@ fn sync_promote_writes_sync_key_first() {
         revision: 10,
     });
     fx.obs.memory.promote_not_before = Some(fx.now);
+    fx.obs.memory.was_holding = true;
+    fx.obs.memory.guard_computed = true;
     let d = fx.decide();
     let a = acts(&d);
     assert_eq!(a[0], Action::RenewLeaderKey);
@@ -254,6 +256,8 @@ fn sync_holder_no_longer_in_sync_releases_instead_of_promoting() {
         revision: 10,
     });
     fx.obs.memory.promote_not_before = Some(fx.now);
+    fx.obs.memory.was_holding = true;
+    fx.obs.memory.guard_computed = true;
     let d = fx.decide();
     assert_eq!(d.reason, Reason::ReleasingLeaderKey);
     assert!(d.has(|a| *a == Action::ReleaseLeaderKey));
