@@ -15,19 +15,11 @@
 //! Everything outside our blocks is preserved byte for byte. The file is replaced by rename; if
 //! that fails (a bind-mounted `/etc/hosts`), it is rewritten in place.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs::OpenOptions;
+use std::io::ErrorKind;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
-use std::thread::sleep;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
-
-use crate::paths;
 
 /// The hosts file the harness edits.
 pub(crate) const HOSTS_FILE: &str = "/etc/hosts";
@@ -38,34 +30,9 @@ pub(crate) const TAG_PREFIX: &str = "pgkeep-test";
 /// Second octets tried for environment networks (`127.<a>.<b>.0/24`).
 const NET_A: std::ops::RangeInclusive<u8> = 77..=99;
 
-/// Holds the exclusive lock on the hosts lock file while alive.
-pub(crate) struct HostsLock {
-    _lock: Flock<File>,
-}
-
-/// Takes the hosts lock, waiting at most 30 s.
-pub(crate) fn lock() -> Result<HostsLock> {
-    paths::ensure_dir(paths::shared_base_dir(), 0o755)?;
-    let path = paths::shared_base_dir().join(".hosts.lock");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => return Ok(HostsLock { _lock: l }),
-            Err((f, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                file = f;
-                sleep(Duration::from_millis(20));
-            }
-            Err((_, e)) => bail!("flock {}: {e}", path.display()),
-        }
-    }
-}
+// The lock and the file primitives are pgkeep's own, so `pgkeep up` and the harness never
+// corrupt each other's edits.
+pub(crate) use pgkeep::local::hosts::{lock, read_hosts, write_hosts};
 
 /// One of our blocks, as line indexes into the file (`end` inclusive).
 #[derive(Debug, PartialEq)]
@@ -226,46 +193,6 @@ fn remove_blocks_from(content: &str, pred: &dyn Fn(&str) -> bool) -> (String, Ve
     let doomed: Vec<&Block> = all.iter().filter(|b| pred(&b.tag)).collect();
     let tags = doomed.iter().map(|b| b.tag.clone()).collect();
     (join_without(&lines, &doomed), tags)
-}
-
-fn read_hosts() -> Result<String> {
-    fs::read_to_string(HOSTS_FILE).with_context(|| format!("reading {HOSTS_FILE}"))
-}
-
-/// Replaces the hosts file's content: write a temp file beside it and rename it over; when the
-/// rename fails (bind mount: EBUSY/EXDEV), rewrite the file in place.
-fn write_hosts(content: &str) -> Result<()> {
-    let path = Path::new(HOSTS_FILE);
-    let meta = fs::metadata(path).with_context(|| format!("stat {HOSTS_FILE}"))?;
-    let tmp = path.with_file_name(format!(".hosts.pgkeep-test.{}.tmp", std::process::id()));
-    let renamed = (|| -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(content.as_bytes())?;
-        f.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    match renamed {
-        Ok(()) => Ok(()),
-        Err(_) => {
-            let _ = fs::remove_file(&tmp);
-            // In place: write over the old content from offset 0, then cut the rest.
-            let mut f = OpenOptions::new()
-                .write(true)
-                .open(path)
-                .with_context(|| format!("opening {HOSTS_FILE} for writing"))?;
-            f.write_all(content.as_bytes())
-                .and_then(|()| f.set_len(content.len() as u64))
-                .and_then(|()| f.sync_all())
-                .with_context(|| format!("rewriting {HOSTS_FILE} in place"))
-        }
-    }
 }
 
 /// Adds an (empty) block `tag` with a free `/24`, chosen and recorded under the lock.

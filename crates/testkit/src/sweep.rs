@@ -97,7 +97,7 @@ pub fn sweep() -> Result<SweepReport> {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(pid) = name
-                .strip_prefix(".hosts.pgkeep-test.")
+                .strip_prefix(".hosts.pgkeep.")
                 .and_then(|r| r.strip_suffix(".tmp"))
                 .and_then(|p| p.parse::<u32>().ok())
                 && !proc::pid_is_alive(pid)

@@ -8,6 +8,7 @@
 //! passed the [`pgkeep_core::policy`] name and value checks. A file that holds a secret must not be
 //! readable by group or others.
 
+mod effective;
 mod raw;
 mod resolve;
 mod schema;
@@ -22,7 +23,7 @@ use pgkeep_core::cluster::Tags;
 use pgkeep_core::policy::{GucName, Parameters};
 use secrecy::SecretString;
 
-pub use resolve::effective_yaml;
+pub use effective::effective_yaml;
 
 /// A configuration error: the file, the key path (dotted, empty for the whole file) and why.
 #[derive(Debug, thiserror::Error)]

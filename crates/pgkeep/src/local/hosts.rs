@@ -40,11 +40,13 @@ pub fn tag(hash: &str) -> String {
 }
 
 /// Holds the hosts lock while alive.
-struct Lock {
+pub struct HostsLock {
     _lock: Flock<File>,
 }
 
-fn lock() -> Result<Lock> {
+/// Takes the exclusive lock every editor of pgkeep's `/etc/hosts` blocks (`pgkeep up`, the test
+/// harness) holds while it reads, changes and writes the file. Waits at most 30 s.
+pub fn lock() -> Result<HostsLock> {
     let path = Path::new(LOCK_FILE);
     if let Some(dir) = path.parent()
         && !dir.is_dir()
@@ -65,7 +67,7 @@ fn lock() -> Result<Lock> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => return Ok(Lock { _lock: l }),
+            Ok(l) => return Ok(HostsLock { _lock: l }),
             Err((f, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                 file = f;
                 sleep(Duration::from_millis(20));
@@ -198,13 +200,15 @@ fn foreign_names(content: &str, tag: &str, entries: &[(IpAddr, String)]) -> Vec<
     clash
 }
 
-fn read_hosts() -> Result<String> {
+/// The hosts file's content.
+pub fn read_hosts() -> Result<String> {
     fs::read_to_string(HOSTS_FILE).with_context(|| format!("reading {HOSTS_FILE}"))
 }
 
-/// Replaces the file's content: a temp file renamed over it, or an in-place rewrite when the
-/// rename fails (a bind-mounted `/etc/hosts`).
-fn write_hosts(content: &str) -> Result<()> {
+/// Replaces the file's content: a temp file (`/etc/.hosts.pgkeep.<pid>.tmp`) renamed over it,
+/// or an in-place rewrite when the rename fails (a bind-mounted `/etc/hosts`). Call it holding
+/// [`lock`].
+pub fn write_hosts(content: &str) -> Result<()> {
     let path = Path::new(HOSTS_FILE);
     let meta = fs::metadata(path).with_context(|| format!("stat {HOSTS_FILE}"))?;
     let tmp = path.with_file_name(format!(".hosts.pgkeep.{}.tmp", std::process::id()));
