@@ -11,7 +11,7 @@ export CARGO_TERM_COLOR ?= never
 
 # Debian packages pgkeep's build, tests and local cluster need. nginx is for benchmarks only.
 PACKAGES := postgresql-15 postgresql-15-pgaudit etcd-server etcd-client pgbackrest haproxy \
-            protobuf-compiler libprotobuf-dev patroni apache2-utils nftables
+            protobuf-compiler libprotobuf-dev patroni apache2-utils nftables gcc libc6-dev
 
 .PHONY: deps build up down test test-fast lint sim
 
