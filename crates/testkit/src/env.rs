@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use nix::unistd::{Gid, Uid, User, chown};
 use pgkeep::pki::{Ca, CertRequest, Usage};
 
 use crate::service::{self, CommandOutput, Service};
@@ -34,59 +33,7 @@ const AVOID_PORTS: &[u16] = &[
     18433, 23791, 23792, 23793, 23801, 23802, 23803, 25000, 25001, 27000, 27090,
 ];
 
-/// An OS user a service runs as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceUser {
-    /// Login name.
-    pub name: String,
-    /// Numeric user id.
-    pub uid: u32,
-    /// Numeric primary group id.
-    pub gid: u32,
-}
-
-impl ServiceUser {
-    /// Looks the user up in the password database.
-    pub fn lookup(name: &str) -> Result<ServiceUser> {
-        let u = User::from_name(name)
-            .with_context(|| format!("looking up user {name}"))?
-            .with_context(|| format!("no OS user {name}"))?;
-        Ok(ServiceUser {
-            name: u.name,
-            uid: u.uid.as_raw(),
-            gid: u.gid.as_raw(),
-        })
-    }
-
-    /// `root` (uid 0): processes started as root skip the uid switch.
-    pub fn root() -> ServiceUser {
-        ServiceUser {
-            name: "root".into(),
-            uid: 0,
-            gid: 0,
-        }
-    }
-
-    /// The `etcd` user.
-    pub fn etcd() -> Result<ServiceUser> {
-        ServiceUser::lookup("etcd")
-    }
-
-    /// The `postgres` user.
-    pub fn postgres() -> Result<ServiceUser> {
-        ServiceUser::lookup("postgres")
-    }
-
-    /// Makes `path` owned by this user and its primary group.
-    pub fn chown(&self, path: &Path) -> Result<()> {
-        chown(
-            path,
-            Some(Uid::from_raw(self.uid)),
-            Some(Gid::from_raw(self.gid)),
-        )
-        .with_context(|| format!("chown {} {}", self.name, path.display()))
-    }
-}
+pub use pgkeep::local::ServiceUser;
 
 /// A node of an environment: one loopback address, one DNS name, one directory.
 #[derive(Debug, Clone)]

@@ -102,27 +102,7 @@ fn looks_like_ours(line: &str) -> bool {
             .is_some_and(|name| name.ends_with(&format!(".{}", crate::DNS_SUFFIX)))
 }
 
-/// The `(a, b)` of every `127.a.b.0/24` the file mentions, apart from `127.0.0.0/24`.
-fn used_nets(lines: &[&str]) -> Vec<(u8, u8)> {
-    let mut used = Vec::new();
-    for line in lines {
-        let l = line.trim();
-        let word = if let Some(net) = l.strip_prefix("# net ") {
-            net.split('/').next().unwrap_or("")
-        } else if l.starts_with('#') {
-            continue;
-        } else {
-            l.split_whitespace().next().unwrap_or("")
-        };
-        if let Ok(ip) = word.parse::<Ipv4Addr>() {
-            let o = ip.octets();
-            if o[0] == 127 && (o[1], o[2]) != (0, 0) {
-                used.push((o[1], o[2]));
-            }
-        }
-    }
-    used
-}
+use pgkeep::local::hosts::loopback_nets as used_nets;
 
 fn split(content: &str) -> Vec<&str> {
     content.split_inclusive('\n').collect()

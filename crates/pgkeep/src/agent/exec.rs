@@ -156,6 +156,15 @@ impl Shell {
                     return Ok(Outcome::Replan);
                 }
                 tracing::info!(%system_id, "new cluster initialised");
+                // The cluster's dynamic configuration starts as this node's bootstrap.dcs (already
+                // checked by the policy when the file was loaded), as with Patroni.
+                if let Cas::Conflict = self
+                    .dcs
+                    .put_config(&self.cfg.bootstrap.dcs, Expect::Absent)
+                    .await?
+                {
+                    tracing::info!("the dynamic configuration already exists; keeping it");
+                }
             }
             Action::WriteInitialize {
                 system_id,

@@ -97,9 +97,10 @@ fn find(lines: &[&str], tag: &str) -> Option<(usize, usize)> {
     Some((start, last))
 }
 
-/// The `X` of every `127.42.X.*` the file mentions (addresses and `# net` lines).
-fn used_nets(lines: &[&str]) -> BTreeSet<u8> {
-    let mut used = BTreeSet::new();
+/// The `(a, b)` of every `127.a.b.0/24` the hosts file mentions (addresses and `# net` lines),
+/// apart from `127.0.0.0/24`. `pgkeep up` and the test harness both choose free networks from it.
+pub fn loopback_nets(lines: &[&str]) -> Vec<(u8, u8)> {
+    let mut used = Vec::new();
     for l in lines {
         let l = l.trim();
         let word = if let Some(net) = l.strip_prefix("# net ") {
@@ -111,12 +112,21 @@ fn used_nets(lines: &[&str]) -> BTreeSet<u8> {
         };
         if let Ok(ip) = word.parse::<Ipv4Addr>() {
             let o = ip.octets();
-            if o[0] == 127 && o[1] == NET_OCTET {
-                used.insert(o[2]);
+            if o[0] == 127 && (o[1], o[2]) != (0, 0) {
+                used.push((o[1], o[2]));
             }
         }
     }
     used
+}
+
+/// The `X` of every `127.42.X.*` the file mentions.
+fn used_nets(lines: &[&str]) -> BTreeSet<u8> {
+    loopback_nets(lines)
+        .into_iter()
+        .filter(|(a, _)| *a == NET_OCTET)
+        .map(|(_, b)| b)
+        .collect()
 }
 
 /// The network of an existing block (`# net 127.42.X.0/24`).

@@ -206,6 +206,25 @@ impl ServiceUser {
         })
     }
 
+    /// `root` (uid 0): a process started as root keeps its identity.
+    pub fn root() -> ServiceUser {
+        ServiceUser {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    /// The `etcd` user (created by the etcd-server package).
+    pub fn etcd() -> Result<ServiceUser> {
+        ServiceUser::lookup("etcd")
+    }
+
+    /// The `postgres` user (created by the postgresql package).
+    pub fn postgres() -> Result<ServiceUser> {
+        ServiceUser::lookup("postgres")
+    }
+
     /// Makes `path` owned by this user and its primary group.
     pub fn chown(&self, path: &Path) -> Result<()> {
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))

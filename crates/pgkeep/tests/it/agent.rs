@@ -34,6 +34,12 @@ fn three_agents_bootstrap_clone_replicate_and_answer_health_checks() {
     })
     .unwrap();
     assert_eq!(c.streaming_to(p), ["ag2", "ag3"]);
+    // The bootstrap node wrote its bootstrap.dcs as the cluster's dynamic configuration.
+    let config = etcd
+        .etcdctl(&["get", "/service/ag/config", "--print-value-only"])
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_str(config.stdout.trim()).unwrap();
+    assert_eq!(config["ttl"], 10, "{config}");
 
     let out = c
         .psql(p, "CREATE TABLE t(v text); INSERT INTO t VALUES ('hello')")
