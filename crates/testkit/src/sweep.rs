@@ -16,6 +16,9 @@ pub struct SweepReport {
     pub hosts_blocks_removed: Vec<String>,
     /// Temp roots removed.
     pub roots_removed: Vec<PathBuf>,
+    /// Network namespaces of [`crate::NetBed`]s whose namespace or `/etc/netns` directory was
+    /// removed.
+    pub netns_removed: Vec<String>,
     /// Failures (the sweep carries on past them).
     pub errors: Vec<String>,
 }
@@ -26,6 +29,7 @@ impl SweepReport {
         self.cgroups_removed.is_empty()
             && self.hosts_blocks_removed.is_empty()
             && self.roots_removed.is_empty()
+            && self.netns_removed.is_empty()
             && self.errors.is_empty()
     }
 }
@@ -57,7 +61,9 @@ fn owner_alive(base: &Path, env_id: &str) -> bool {
 ///    (`cgroup.kill`), then the cgroup is removed;
 /// 2. `/etc/hosts` blocks tagged `pgkeep-test <checkout-id> <env-id>`, and temp files a torn
 ///    hosts write left in `/etc`;
-/// 3. temp roots `/var/tmp/pgkeep-test/<checkout-id>/<env-id>`.
+/// 3. network namespaces `pgkt-<checkout-id>.<env-id>.*` of [`crate::NetBed`]s (with their
+///    interfaces) and their `/etc/netns` directories;
+/// 4. temp roots `/var/tmp/pgkeep-test/<checkout-id>/<env-id>`.
 ///
 /// Environments of live test processes (this one included) and of other checkouts are never
 /// touched. [`crate::Env::new`] calls this once per process.
@@ -107,7 +113,13 @@ pub fn sweep() -> Result<SweepReport> {
         }
     }
 
-    // 3. Temp roots.
+    // 3. Network beds, after the cgroups (a namespace lives on while a process is in it) and
+    // before the temp roots (whose owner files tell a reused pid from the owner).
+    let beds = crate::netns::sweep(&|id| owner_alive(&base, id));
+    report.netns_removed = beds.removed;
+    report.errors.extend(beds.errors);
+
+    // 4. Temp roots.
     if let Ok(rd) = fs::read_dir(&base) {
         for e in rd.flatten() {
             let Ok(id) = e.file_name().into_string() else {

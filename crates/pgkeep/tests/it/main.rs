@@ -6,5 +6,6 @@ mod config;
 mod dcs;
 mod harness;
 mod local;
+mod netbed;
 mod pki;
 mod quickstart;
