@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod dcs;
 pub mod fsutil;
+pub mod guard;
 pub mod inventory;
 pub mod local;
 pub mod pki;

@@ -30,6 +30,19 @@ enum Command {
     Down(cli::up::DownArgs),
     /// Operator CLI: list the cluster's members.
     Ctl(cli::ctl::CtlArgs),
+    /// The fence guard the agent starts beside itself (not for direct use).
+    #[command(hide = true)]
+    FenceGuard {
+        /// The state file the agent writes.
+        #[arg(long)]
+        state: std::path::PathBuf,
+        /// PostgreSQL's configuration directory.
+        #[arg(long)]
+        config_dir: std::path::PathBuf,
+        /// PostgreSQL's data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +61,21 @@ fn main() -> std::process::ExitCode {
         Command::Up(a) => cli::up::run_up(a),
         Command::Down(a) => cli::up::run_down(a),
         Command::Ctl(a) => cli::ctl::run(a),
+        Command::FenceGuard {
+            state,
+            config_dir,
+            data_dir,
+        } => {
+            let _ = tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .try_init();
+            pgkeep::guard::run(&pgkeep::guard::GuardArgs {
+                state,
+                config_dir,
+                data_dir,
+            })
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -48,6 +48,30 @@ impl Agent {
     }
 }
 
+/// The `bootstrap.dcs` settings of an [`AgentCluster`].
+#[derive(Debug, Clone)]
+pub struct DcsOptions {
+    /// `ttl` (seconds).
+    pub ttl: u32,
+    /// `loop_wait` (seconds).
+    pub loop_wait: u32,
+    /// `retry_timeout` (seconds).
+    pub retry_timeout: u32,
+    /// `synchronous_mode`.
+    pub synchronous_mode: bool,
+}
+
+impl Default for DcsOptions {
+    fn default() -> Self {
+        DcsOptions {
+            ttl: 10,
+            loop_wait: 1,
+            retry_timeout: 3,
+            synchronous_mode: false,
+        }
+    }
+}
+
 /// Several agents forming one cluster.
 pub struct AgentCluster {
     env: Env,
@@ -73,6 +97,18 @@ impl AgentCluster {
         scope: &str,
         n: usize,
         pgkeep_bin: &Path,
+    ) -> Result<AgentCluster> {
+        Self::prepare_with(env, etcd, scope, n, pgkeep_bin, &DcsOptions::default())
+    }
+
+    /// [`AgentCluster::prepare`] with other `bootstrap.dcs` settings.
+    pub fn prepare_with(
+        env: &Env,
+        etcd: &EtcdCluster,
+        scope: &str,
+        n: usize,
+        pgkeep_bin: &Path,
+        dcs: &DcsOptions,
     ) -> Result<AgentCluster> {
         let pg = ServiceUser::postgres()?;
         let api_password = format!("pw-{:016x}", crate::env::random_u64());
@@ -189,10 +225,11 @@ etcd3:
   key: {ec_key}
 bootstrap:
   dcs:
-    ttl: 10
-    loop_wait: 1
-    retry_timeout: 3
+    ttl: {ttl}
+    loop_wait: {loop_wait}
+    retry_timeout: {retry_timeout}
     maximum_lag_on_failover: 1048576
+    synchronous_mode: {sync}
   initdb: [{{encoding: UTF8}}, {{locale: C}}]
 postgresql:
   listen: {addr}:{pg_port}
@@ -210,7 +247,7 @@ postgresql:
     unix_socket_directories: {run}
     fsync: "off"
 log:
-  level: info
+  level: {log_level}
 "#,
                 addr = node.addr,
                 dns = node.dns_name,
@@ -234,6 +271,12 @@ log:
                 srv_cert = server.cert.display(),
                 srv_key = server.key.display(),
                 run = dir.join("run").display(),
+                ttl = dcs.ttl,
+                loop_wait = dcs.loop_wait,
+                retry_timeout = dcs.retry_timeout,
+                sync = dcs.synchronous_mode,
+                log_level =
+                    std::env::var("PGKEEP_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             );
             let config = dir.join("node.yml");
             fs::write(&config, yaml)?;

@@ -27,6 +27,7 @@ mod bootstrap;
 mod config;
 mod decide;
 mod leader_race;
+pub mod manual;
 mod member;
 mod reason;
 mod rejoin;

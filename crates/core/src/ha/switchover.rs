@@ -215,7 +215,8 @@ pub(crate) fn continue_handover(cx: &mut Ctx<'_>) -> Plan {
                     members: candidates,
                 })
             } else {
-                p.wake(cx.now + cx.cfg.loop_wait.min(Millis(1000)))
+                // Ask again soon: a hand-over in progress is a write outage.
+                p.wake(cx.now + cx.cfg.loop_wait.min(Millis(100)))
             };
         }
     }

@@ -14,6 +14,7 @@ use pgkeep_core::pgconf::conninfo_quote;
 use super::render::{self, StandbyOf};
 use super::{Busy, Shell};
 use crate::dcs::{Cas, Dcs, Expect};
+use crate::postgres::fence::{FenceGrace, fence_blocking};
 use crate::postgres::{Instance, StopMode};
 
 /// What an action did to the decision loop.
@@ -232,24 +233,18 @@ impl Shell {
         Ok(Outcome::Continue)
     }
 
-    /// Stops a PostgreSQL that may not lead: immediate shutdown, then SIGKILL of the postmaster's
-    /// process group if it is still there after a short wait. Read-only is not enough.
+    /// Stops a PostgreSQL that may not lead: fast shutdown, escalating to immediate shutdown
+    /// and SIGKILL of every process of the instance ([`crate::postgres::fence`]). Read-only is
+    /// not enough.
     async fn fence(&mut self) -> Result<()> {
-        let pm = self.instance.running_postmaster()?;
-        tracing::warn!("fencing: stopping PostgreSQL immediately");
-        if self
-            .instance
-            .stop(StopMode::Immediate, Duration::from_secs(2))
-            .await
-            .is_err()
-            && let Some(pm) = pm
-        {
-            tracing::error!(
-                pid = pm.pid,
-                "immediate shutdown did not finish; killing the postmaster's process group"
-            );
-            let _ = signal::killpg(Pid::from_raw(pm.pid), Signal::SIGKILL);
-        }
+        tracing::warn!("fencing: stopping PostgreSQL");
+        let instance = self.instance.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || fence_blocking(&instance, FenceGrace::default()))
+                .await
+                .context("the fencing task")??;
+        tracing::warn!(?outcome, "fenced");
+        self.pg_client = None;
         self.promote_requested = false;
         Ok(())
     }
@@ -318,7 +313,9 @@ impl Shell {
     }
 
     /// The conninfo a tool uses to reach `member` as `role` (replication or rewind), by name and
-    /// with this node's client certificate.
+    /// with this node's client certificate. The application name is `pgkeep-<tool>-<member>`:
+    /// never the member's own name, which `synchronous_standby_names` and operators reserve for
+    /// the member's streaming replication.
     fn tool_conninfo(&self, member: &str, rewind: bool) -> Result<String> {
         let snap = self
             .watch
@@ -352,7 +349,14 @@ impl Shell {
             ("port", port.to_string()),
             ("user", role.username.clone()),
             ("dbname", "postgres".to_owned()),
-            ("application_name", self.cfg.name.clone()),
+            (
+                "application_name",
+                format!(
+                    "pgkeep-{}-{}",
+                    if rewind { "rewind" } else { "clone" },
+                    self.cfg.name
+                ),
+            ),
             ("sslmode", role.sslmode.clone()),
             ("sslcert", files.cert.display().to_string()),
             ("sslkey", files.key.display().to_string()),

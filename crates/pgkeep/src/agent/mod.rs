@@ -2,6 +2,7 @@
 //! (DCS view + local PostgreSQL), asks [`pgkeep_core::ha::decide`] what to do, and does it.
 //! Nothing here decides; everything here talks to the world.
 
+mod control;
 mod exec;
 mod observe;
 mod render;
@@ -59,6 +60,8 @@ struct Shell {
     upstream: Option<String>,
     sync_names: SyncStandbyNames,
     postmaster_seen: Option<(i32, Millis)>,
+    /// The highest timeline the running standby (by postmaster PID) was seen on.
+    standby_tli_seen: Option<(i32, u32)>,
     promote_requested: bool,
     fresh_bootstrap: bool,
     peers: Option<PeerReport>,
@@ -70,6 +73,8 @@ struct Shell {
     busy_done: Arc<tokio::sync::Notify>,
     /// The state and reason of the previous decision, to log only changes at info level.
     last_logged: String,
+    /// The fence guard beside this agent.
+    guard: crate::guard::GuardHandle,
 }
 
 impl Shell {
@@ -160,6 +165,29 @@ impl Shell {
         }
     }
 
+    /// Keeps the fence guard running and tells it the lease deadline: the one proven by the
+    /// latest renewal (actions of this cycle included), never later than the core's.
+    fn drive_guard(&mut self, cmd: ha::WatchdogCmd) {
+        if let Err(e) = self.guard.ensure_running() {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "NO FENCE GUARD: a frozen or killed agent would leave PostgreSQL running past the lease"
+            );
+        }
+        match cmd {
+            ha::WatchdogCmd::Arm { until } => {
+                let proven = self
+                    .leader_lease
+                    .map(|l| self.ha.lease_deadline(l.sent_at, l.granted_ttl))
+                    .filter(|d| *d >= until)
+                    .unwrap_or(until);
+                self.guard.arm(self.instant(proven));
+            }
+            ha::WatchdogCmd::Disarm => self.guard.disarm(),
+            ha::WatchdogCmd::Hold => {}
+        }
+    }
+
     /// One cycle. Returns when the next one may start.
     async fn cycle(&mut self) -> Millis {
         self.reap_busy().await;
@@ -178,7 +206,7 @@ impl Shell {
             };
             let now = self.now();
             let decision = ha::decide(now, &self.ha, &snap.view, &obs);
-            tracing::debug!(state = %decision.state, reason = %decision.reason, actions = ?decision.actions, "decision");
+            tracing::debug!(state = %decision.state, reason = %decision.reason, actions = ?decision.actions, wal_position = %obs.pg.wal_position, "decision");
             let summary = format!("{} {}", decision.state, decision.reason);
             if summary != self.last_logged {
                 tracing::info!(state = %decision.state, reason = %decision.reason, "decision");
@@ -192,6 +220,7 @@ impl Shell {
                     break;
                 }
             }
+            self.drive_guard(decision.watchdog);
             self.publish(&obs, &snap, decision.state);
             rounds += 1;
             // A decision that changed something (started, stopped, promoted, took or gave up a
@@ -316,11 +345,27 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", cfg.postgresql.config_dir.display()))?;
     let (api_tx, api_rx) = watch::channel(Arc::new(ApiSnapshot::new(&cfg.scope, &cfg.name)));
     let cancel = CancellationToken::new();
-    let server = api::serve(&cfg.restapi, api_rx, cancel.clone())
-        .await
-        .context("starting the REST API")?;
+    let server = api::serve(
+        &cfg.restapi,
+        api_rx,
+        Some(Arc::new(control::AgentControl {
+            dcs: dcs.clone(),
+            socket_dir: layout.socket_dir().to_owned(),
+            port: layout.node.port,
+            user: cfg.postgresql.authentication.superuser.username.clone(),
+            client: tokio::sync::Mutex::new(None),
+        })),
+        cancel.clone(),
+    )
+    .await
+    .context("starting the REST API")?;
     tracing::info!(member = %cfg.name, scope = %cfg.scope, api = %server.local_addr(), "agent started");
     let peer_client = peer_client(&cfg)?;
+    let guard = crate::guard::GuardHandle::new(crate::guard::GuardArgs {
+        state: cfg.postgresql.config_dir.join(crate::guard::STATE_FILE),
+        config_dir: cfg.postgresql.config_dir.clone(),
+        data_dir: cfg.postgresql.data_dir.clone(),
+    });
     let mut shell = Shell {
         layout,
         ha: base.ha,
@@ -342,6 +387,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         upstream: None,
         sync_names: SyncStandbyNames::default(),
         postmaster_seen: None,
+        standby_tli_seen: None,
         promote_requested: false,
         fresh_bootstrap: false,
         peers: None,
@@ -351,6 +397,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         api_tx,
         busy_done: Arc::new(tokio::sync::Notify::new()),
         last_logged: String::new(),
+        guard,
         cfg,
     };
     if shell.watch.ready(Duration::from_secs(30)).await.is_err() {
@@ -363,6 +410,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut shutdown_started: Option<Instant> = None;
     // One watch handle for the whole run: it remembers which leader change it last woke for.
     let mut leader_watch = shell.watch.clone();
+    let mut view_watch = shell.watch.clone();
     loop {
         let wake = shell.cycle().await;
         if let Some(started) = shutdown_started {
@@ -374,20 +422,31 @@ pub async fn run(config_path: &Path) -> Result<()> {
             }
         }
         let sleep = tokio::time::sleep_until(shell.instant(wake).into());
+        tokio::pin!(sleep);
         let busy_done = shell.busy_done.clone();
-        tokio::select! {
-            _ = sleep => {}
-            _ = leader_watch.leader_changed() => {}
-            _ = busy_done.notified() => {}
-            _ = term.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
-            _ = int.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
-            _ = hup.recv() => shell.reload(config_path),
+        loop {
+            tokio::select! {
+                _ = &mut sleep => {}
+                _ = leader_watch.leader_changed() => {}
+                _ = busy_done.notified() => {}
+                // Other DCS changes only refresh what the REST API answers from (a switchover
+                // request is checked against the members' latest keys); no cycle for them.
+                Ok(()) = view_watch.changed() => {
+                    shell.publish_view();
+                    continue;
+                }
+                _ = term.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
+                _ = int.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
+                _ = hup.recv() => shell.reload(config_path),
+            }
+            break;
         }
         if shutdown_started.is_some() && !shell.requests.shutdown {
             tracing::info!("shutting down: stopping PostgreSQL and handing over");
             shell.requests.shutdown = true;
         }
     }
+    shell.guard.disarm();
     let _ = shell.dcs.revoke(shell.lease.id).await;
     cancel.cancel();
     if let Err(e) = server.stopped().await {

@@ -44,9 +44,10 @@ impl Shell {
                     ClusterState::ShutDownInRecovery | ClusterState::InArchiveRecovery
                 );
                 obs.crashed = !cd.state.is_clean_shutdown();
-                obs.timeline = Some(cd.timeline);
+                // A standby's checkpoint timeline lags behind a switch it replayed.
+                obs.timeline = Some(cd.timeline.max(cd.min_recovery_end_timeline));
                 obs.wal_position = cd.checkpoint.max(cd.min_recovery_end);
-                obs.timeline_history = self.read_history(cd.timeline);
+                obs.timeline_history = self.read_history(obs.timeline.unwrap_or(cd.timeline));
             }
             return obs;
         };
@@ -66,7 +67,10 @@ impl Shell {
         };
         if obs.process == PgProcess::Running {
             match self.query_pg().await {
-                Some(sql) => {
+                Some(mut sql) => {
+                    if sql.in_recovery {
+                        sql.timeline = self.standby_timeline(pm.pid, sql.timeline);
+                    }
                     obs.in_recovery = sql.in_recovery;
                     obs.timeline = Some(sql.timeline);
                     obs.wal_position = if sql.in_recovery {
@@ -195,6 +199,17 @@ impl Shell {
                 DataDir::Invalid
             }
         }
+    }
+
+    /// The highest timeline this standby's postmaster was seen on: the receiver's timeline is
+    /// only visible while it streams, and the checkpoint's lags behind a switch.
+    fn standby_timeline(&mut self, postmaster: i32, observed: u32) -> u32 {
+        let tl = match self.standby_tli_seen {
+            Some((pid, seen)) if pid == postmaster => seen.max(observed),
+            _ => observed,
+        };
+        self.standby_tli_seen = Some((postmaster, tl));
+        tl
     }
 
     /// The history file of `timeline`, oldest switch first (empty on timeline 1).

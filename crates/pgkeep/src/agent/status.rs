@@ -117,6 +117,20 @@ impl Shell {
         self.api_tx.send_replace(Arc::new(snapshot));
     }
 
+    /// Replaces the DCS view in the published REST snapshot with the latest one.
+    pub(super) fn publish_view(&self) {
+        let Some(snap) = self.watch.snapshot() else {
+            return;
+        };
+        let mut next = ApiSnapshot::clone(&self.api_tx.borrow());
+        next.cluster = Some(Arc::new(snap.view.clone()));
+        if self.watch.is_live() {
+            next.dcs_fresh_until =
+                Some(Instant::now() + std::time::Duration::from_millis(self.ha.ttl.0));
+        }
+        self.api_tx.send_replace(Arc::new(next));
+    }
+
     /// Asks the named members for their status, in parallel, each within the client's timeout.
     /// A member that does not answer is left out (the core treats it as unreachable).
     pub(super) async fn fetch_peers(&self, members: &[String]) -> PeerReport {
@@ -145,7 +159,9 @@ impl Shell {
         for t in tasks {
             match t.await {
                 Ok((name, Ok(st))) => {
-                    report.answers.insert(name, peer_status(&st));
+                    let ps = peer_status(&st);
+                    tracing::debug!(member = %name, wal_position = %ps.wal_position, primary = ps.primary, "peer status");
+                    report.answers.insert(name, ps);
                 }
                 Ok((name, Err(e))) => {
                     tracing::info!(member = %name, error = %e, "peer did not answer")

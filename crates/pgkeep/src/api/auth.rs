@@ -50,6 +50,29 @@ pub struct Identity {
     pub client_cn: Option<String>,
     /// Basic authentication was checked and matched.
     pub basic_auth: bool,
+    /// The user name basic authentication matched (never the password).
+    pub basic_user: Option<String>,
+}
+
+impl Identity {
+    /// Who the caller is, for audit logs: `cn=<certificate CN>` and/or `user=<basic-auth user>`
+    /// (never a credential), or `unidentified`.
+    pub fn principal(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(cn) = &self.client_cn {
+            parts.push(format!("cn={cn}"));
+        }
+        if let Some(user) = &self.basic_user {
+            parts.push(format!("user={user}"));
+        } else if self.basic_auth {
+            parts.push("user=?".to_owned());
+        }
+        if parts.is_empty() {
+            "unidentified".to_owned()
+        } else {
+            parts.join(",")
+        }
+    }
 }
 
 /// Why the access check refused a request.
@@ -121,6 +144,7 @@ pub struct RequestFacts<'a> {
 pub struct AccessPolicy {
     /// `user:password`, the decoded form of a basic-auth token.
     basic: Option<SecretSlice<u8>>,
+    basic_user: Option<String>,
     cert_required: bool,
     allowed_names: Vec<String>,
     allowlist: Vec<IpNet>,
@@ -151,6 +175,7 @@ impl AccessPolicy {
         });
         AccessPolicy {
             basic,
+            basic_user: cfg.authentication.as_ref().map(|a| a.username.clone()),
             cert_required: cfg.verify_client != VerifyClient::None
                 || !cfg.allowed_client_names.is_empty(),
             allowed_names: cfg.allowed_client_names.clone(),
@@ -198,6 +223,7 @@ impl AccessPolicy {
                 return Err(Denied::NotAuthenticated);
             }
             identity.basic_auth = true;
+            identity.basic_user = self.basic_user.clone();
         }
         Ok(identity)
     }
@@ -391,7 +417,10 @@ mod tests {
             p.check(&facts("10.1.2.3", Some(&bearer))),
             Err(Denied::NotAuthenticated)
         );
-        assert!(p.check(&facts("10.1.2.3", Some(&good))).unwrap().basic_auth);
+        let id = p.check(&facts("10.1.2.3", Some(&good))).unwrap();
+        assert!(id.basic_auth);
+        assert_eq!(id.principal(), "user=admin");
+        assert_eq!(Identity::default().principal(), "unidentified");
         // IPv4-mapped IPv6 peers match IPv4 networks.
         assert!(p.check(&facts("::ffff:10.1.2.3", Some(&good))).is_ok());
     }

@@ -203,7 +203,23 @@ impl ApiClient {
     /// Sends a request without a body. Errors are transport errors (connection, TLS, timeout);
     /// any HTTP status is an `Ok`.
     pub async fn request(&self, method: Method, url: &str) -> Result<ApiResponse, reqwest::Error> {
+        self.send(method, url, None).await
+    }
+
+    /// Sends a request with an optional body `(content type, bytes)`. Errors are transport
+    /// errors; any HTTP status is an `Ok`.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<ApiResponse, reqwest::Error> {
         let mut req = self.http.request(method, url);
+        if let Some((content_type, bytes)) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(bytes);
+        }
         if let Some((user, pass)) = &self.basic {
             req = req.basic_auth(user, Some(pass.expose_secret()));
         }
@@ -221,6 +237,21 @@ impl ApiClient {
     /// `GET url`.
     pub async fn get(&self, url: &str) -> Result<ApiResponse, reqwest::Error> {
         self.request(Method::GET, url).await
+    }
+
+    /// `POST url` with a JSON body.
+    pub async fn post_json(&self, url: &str, json: &str) -> Result<ApiResponse, reqwest::Error> {
+        self.send(
+            Method::POST,
+            url,
+            Some(("application/json", json.as_bytes().to_vec())),
+        )
+        .await
+    }
+
+    /// `DELETE url`.
+    pub async fn delete(&self, url: &str) -> Result<ApiResponse, reqwest::Error> {
+        self.request(Method::DELETE, url).await
     }
 
     /// `HEAD url`.

@@ -1,5 +1,6 @@
 //! The router and the request handlers. Handlers read the latest [`ApiSnapshot`] and nothing
-//! else: no SQL, no etcd call, no file access per request.
+//! else: no SQL, no etcd read, no file access per request. The state-changing endpoints
+//! ([`super::switchover`]) write through the [`Control`] handle.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use axum::http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use axum::http::{Method, StatusCode};
 use axum::middleware;
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum_server::tls::TlsInfo;
 use pgkeep_core::cluster::history_to_json;
 use pgkeep_core::health::{self, HealthQuery, QueryError, Verdict};
@@ -20,26 +21,40 @@ use tokio::sync::watch;
 
 use super::ApiSnapshot;
 use super::auth::{self, AccessPolicy};
+use super::control::Control;
 use super::json::{cluster_json, error_body};
+use super::switchover;
 
-/// What every handler shares: the access policy and the agent's published state.
+/// What every handler shares: the access policy, the agent's published state and the handle
+/// that may change the cluster.
 #[derive(Clone)]
 pub(super) struct AppState {
     pub(super) policy: Arc<AccessPolicy>,
     snapshot: watch::Receiver<Arc<ApiSnapshot>>,
+    pub(super) control: Option<Arc<dyn Control>>,
 }
 
 impl AppState {
-    pub(super) fn new(policy: AccessPolicy, snapshot: watch::Receiver<Arc<ApiSnapshot>>) -> Self {
+    pub(super) fn new(
+        policy: AccessPolicy,
+        snapshot: watch::Receiver<Arc<ApiSnapshot>>,
+        control: Option<Arc<dyn Control>>,
+    ) -> Self {
         AppState {
             policy: Arc::new(policy),
             snapshot,
+            control,
         }
     }
 
     /// The latest published snapshot (an `Arc` clone; the channel's lock is held only for it).
     pub(super) fn snapshot(&self) -> Arc<ApiSnapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// A receiver of its own, to wait for the next snapshots.
+    pub(super) fn subscribe(&self) -> watch::Receiver<Arc<ApiSnapshot>> {
+        self.snapshot.clone()
     }
 }
 
@@ -51,6 +66,11 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/cluster", get(cluster))
         .route("/history", get(history))
         .route("/config", get(config))
+        .route(
+            "/switchover",
+            post(switchover::post_switchover).delete(switchover::delete_switchover),
+        )
+        .route("/failover", post(switchover::post_failover))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
         .merge(protected)
@@ -70,8 +90,19 @@ pub(super) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     resp
 }
 
+/// A plain-text answer (Patroni's state-changing endpoints answer text).
+pub(super) fn text_response(status: StatusCode, text: impl Into<String>) -> Response {
+    let mut resp = Response::new(Body::from(text.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
 /// `{"error": message}` with `status`.
-fn error_response(status: StatusCode, message: &str) -> Response {
+pub(super) fn error_response(status: StatusCode, message: &str) -> Response {
     json_response(status, error_body(message))
 }
 
@@ -205,10 +236,28 @@ async fn readiness(State(state): State<AppState>, req: Request) -> Response {
 
 /// `GET /patroni`: the status JSON, always 200.
 async fn patroni(State(state): State<AppState>) -> Response {
-    status_json(StatusCode::OK, &state.snapshot())
+    let snapshot = state.snapshot();
+    let live = match (&state.control, &snapshot.status.xlog) {
+        (Some(c), Some(super::Xlog::Replica { .. })) => c.live_positions().await,
+        _ => None,
+    };
+    let Some(live) = live else {
+        return status_json(StatusCode::OK, &snapshot);
+    };
+    let mut fresh = ApiSnapshot::clone(&snapshot);
+    if let Some(super::Xlog::Replica {
+        received_location,
+        replayed_location,
+        ..
+    }) = &mut fresh.status.xlog
+    {
+        *received_location = (*received_location).max(live.received);
+        *replayed_location = (*replayed_location).max(live.replayed);
+    }
+    status_json(StatusCode::OK, &fresh)
 }
 
-const NO_VIEW: &str = "no view of the DCS yet";
+pub(super) const NO_VIEW: &str = "no view of the DCS yet";
 
 /// `GET /cluster`: members, roles and lags from the cached DCS view.
 async fn cluster(State(state): State<AppState>) -> Response {
@@ -256,6 +305,8 @@ async fn config(State(state): State<AppState>) -> Response {
 async fn method_not_allowed(req: Request) -> Response {
     let allow = match req.uri().path() {
         "/liveness" | "/readiness" => "GET, HEAD, OPTIONS",
+        "/switchover" => "POST, DELETE",
+        "/failover" => "POST",
         _ => "GET, HEAD",
     };
     let mut resp = error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");

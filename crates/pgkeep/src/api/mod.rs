@@ -8,8 +8,9 @@
 //!
 //! The agent publishes an [`ApiSnapshot`] through a `tokio::sync::watch` channel after every HA
 //! cycle (and whenever the DCS view changes). Handlers only read the latest snapshot: no SQL
-//! query and no etcd call happens per request, so a flood of health checks cannot slow the HA
-//! loop or PostgreSQL down. Time-dependent answers are computed at request time from deadlines
+//! query and no etcd read happens per request, so a flood of health checks cannot slow the HA
+//! loop or PostgreSQL down (the authenticated state-changing endpoints write one key, validated
+//! against the snapshot's view, and then follow the snapshots). Time-dependent answers are computed at request time from deadlines
 //! in the snapshot, not from booleans that could go stale if the HA loop hangs:
 //!
 //! - `/primary` (and `/`, `/leader`, `/read-write`...) answers 200 only while `now <`
@@ -28,8 +29,16 @@
 //! | `GET /cluster` | required | 200 + cluster JSON (from the cached DCS view) |
 //! | `GET /history` | required | 200 + timeline history array |
 //! | `GET /config` | required | 200 + dynamic configuration, 502 when missing or invalid |
+//! | `POST /switchover` `{"leader", "candidate"?, "scheduled_at"?}` | required | text: 200 `Successfully switched over to "X"` / `Switched over to "X" instead of "Y"`, 202 `Switchover scheduled`, 400/422 invalid request, 412 not possible now, 409 key changed concurrently, 503 `Switchover failed` / `... status unknown after N seconds; operation may still be in progress` / DCS write failed |
+//! | `POST /failover` `{"candidate", "leader"?}` | required | as `POST /switchover` (`Successfully failed over to "X"`); never scheduled; with `leader` it is a switchover |
+//! | `DELETE /switchover` | required | text: 200 `scheduled switchover deleted`, 404 `no switchover is scheduled`, 409 key changed concurrently |
 //!
-//! `HEAD` and `OPTIONS` answers carry no body. Errors are JSON `{"error": "..."}`.
+//! `HEAD` and `OPTIONS` answers carry no body. Errors are JSON `{"error": "..."}`, except the
+//! answers of the state-changing endpoints, which are plain text in Patroni's words (see
+//! [`switchover`]'s documentation and [`pgkeep_core::ha::manual`] for the validation order).
+//! Those endpoints write the DCS through the [`Control`] handle given to [`serve`]; a server
+//! without one answers them 503 `this server cannot change the cluster`. Their request bodies
+//! may have at most 64 KiB (413) and must arrive within 10 s (408).
 //!
 //! # Where pgkeep deliberately differs from Patroni
 //!
@@ -56,12 +65,23 @@
 //! - `/cluster`, `/history` and `/config` come from the agent's cached, watched DCS view, not
 //!   from a fresh etcd read per request; with no view yet they answer 503.
 //! - The basic-auth realm is `pgkeep`.
+//! - Text answers are `text/plain; charset=utf-8` (Patroni labels them `text/html`).
+//! - `POST /switchover` and `/failover` refuse unknown body keys and non-string values (400;
+//!   Patroni ignores them), write the `/failover` key with compare-and-swap against the version
+//!   they validated (409 on a concurrent change; Patroni overwrites), judge the candidates from
+//!   their member keys instead of calling each one's REST API, and follow the agent's watched
+//!   view while they wait instead of reading etcd once a second.
+//! - `GET /switchover` and `GET /failover` answer 405 (Patroni: a 503 health check).
+//! - A state-changing request without `Content-Length` has an empty (or chunked) body, bounded
+//!   like any other (Patroni answers 411).
 
 pub mod auth;
 pub mod client;
+pub mod control;
 mod handlers;
 pub mod json;
 mod server;
+pub mod switchover;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -71,6 +91,7 @@ use pgkeep_core::cluster::{ClusterView, Lsn};
 use pgkeep_core::health::{NodeHealth, PgRole, SyncMembership};
 
 pub use client::{ApiClient, ApiClientBuilder, ApiResponse};
+pub use control::{BoxFuture, Control, ControlError, LivePositions};
 pub use json::{MemberStatus, PatroniInfo, ReplicationInfo, Xlog};
 pub use server::{ApiError, BoundServer, serve};
 

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ApiSnapshot;
 use super::auth::AccessPolicy;
+use super::control::Control;
 use super::handlers::{AppState, router};
 use crate::config::{RestApi, TlsFiles, VerifyClient};
 
@@ -114,7 +115,8 @@ impl BoundServer {
 
 /// Starts the REST API on `cfg.listen` and returns once the socket is bound. The server answers
 /// from the latest snapshot of `snapshot` and stops (letting open requests finish for up to two
-/// seconds) when `shutdown` is cancelled.
+/// seconds) when `shutdown` is cancelled. The state-changing endpoints write through `control`;
+/// without one they answer 503 `this server cannot change the cluster`.
 ///
 /// With `cfg.tls` set, only TLS is spoken (rustls, TLS 1.2 and 1.3): a plaintext request on the
 /// port fails the handshake. Client certificates are asked for when `verify_client` is
@@ -124,6 +126,7 @@ impl BoundServer {
 pub async fn serve(
     cfg: &RestApi,
     snapshot: watch::Receiver<Arc<ApiSnapshot>>,
+    control: Option<Arc<dyn Control>>,
     shutdown: CancellationToken,
 ) -> Result<BoundServer, ApiError> {
     let tls = cfg
@@ -152,8 +155,8 @@ pub async fn serve(
              /patroni, /cluster, /config, /history and every state-changing endpoint refuse all callers"
         );
     }
-    let app =
-        router(AppState::new(policy, snapshot)).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(AppState::new(policy, snapshot, control))
+        .into_make_service_with_connect_info::<SocketAddr>();
 
     let handle: Handle<SocketAddr> = Handle::new();
     let tcp = TcpConfigAcceptor::new(TcpSocketConfig::new().nodelay(true));

@@ -79,9 +79,9 @@ impl ClusterWatch {
         self.rx.changed().await.map_err(|_| DcsError::WatchStopped)
     }
 
-    /// Waits until the `leader` key changed (holder, lease, revision or presence) since the last
-    /// call on this handle (for the first call: since the first snapshot): what wakes the HA
-    /// loop early.
+    /// Waits until the `leader` key's holder (or presence) or the `failover` request changed
+    /// since the last call on this handle (for the first call: since the first snapshot): what
+    /// wakes the HA loop early.
     pub async fn leader_changed(&mut self) -> Result<(), DcsError> {
         let seen = self.seen_leader_generation;
         let state = self
@@ -218,8 +218,13 @@ fn publish(tx: &watch::Sender<WatchState>, snap: Snapshot, live: bool) {
         // The first snapshot is where knowledge starts, not a change.
         // Who holds the key, not its revision: the holder writes it on every renewal, and waking
         // every member for each renewal would only burn cycles.
+        // A new switchover or failover request wakes the loop too: the leader acts on it at once
+        // instead of a loop_wait later.
         let holder = |v: &ClusterView| v.leader.as_ref().map(|l| l.name.clone());
-        if old.is_some_and(|o| holder(&o.view) != holder(&snap.view)) {
+        let request = |v: &ClusterView| v.failover.as_ref().map(|f| f.value.clone());
+        if old.is_some_and(|o| {
+            holder(&o.view) != holder(&snap.view) || request(&o.view) != request(&snap.view)
+        }) {
             s.leader_generation += 1;
         }
         let notify = content_changed || s.live != live;
@@ -507,6 +512,17 @@ mod tests {
         publish(&tx, c.snapshot("/b"), true);
         w.leader_changed().await.unwrap();
         assert_eq!(w.state().leader_generation, 2);
+        c.apply(
+            vec![put("failover", r#"{"leader":"n2","member":"n1"}"#, 5)],
+            5,
+        );
+        publish(&tx, c.snapshot("/b"), true);
+        w.leader_changed().await.unwrap();
+        assert_eq!(
+            w.state().leader_generation,
+            3,
+            "a switchover request wakes the loop"
+        );
 
         // Same content, new revision: stored, not notified.
         w.rx.mark_unchanged();

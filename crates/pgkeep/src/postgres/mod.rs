@@ -6,6 +6,7 @@
 //! `-D <config_dir>`, and `config_dir/postgresql.conf` names the data directory, so a clone or
 //! rewind never copies another node's configuration or keys.
 
+pub mod fence;
 pub mod observe;
 pub mod parse;
 pub mod run;

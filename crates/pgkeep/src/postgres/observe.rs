@@ -98,7 +98,8 @@ SELECT pg_is_in_recovery(),
        (pg_last_wal_replay_lsn() - '0/0')::bigint,
        CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,
        pg_last_xact_replay_timestamp()::text,
-       EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart)";
+       EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart),
+       (SELECT min_recovery_end_timeline FROM pg_control_recovery())::bigint";
 
 const RECEIVER_SQL: &str = "
 SELECT status, received_tli::bigint, (latest_end_lsn - '0/0')::bigint, sender_host, slot_name
@@ -195,9 +196,18 @@ pub async fn observe(client: &Client) -> Result<LocalPg, PgError> {
             restart_lsn: lsn(r.get(2)),
         })
         .collect();
+    // A standby's replay timeline has no SQL function in PostgreSQL 15. Each of these is a
+    // timeline it provably reached (the receiver streams a timeline only once recovery checked
+    // the fork point), so their maximum never claims a timeline the standby is not on; the
+    // agent also remembers the highest one seen since the postmaster started.
     let checkpoint_tli = u32::try_from(row.get::<_, i64>(2)).unwrap_or(0);
+    let min_recovery_tli = row
+        .get::<_, Option<i64>>(9)
+        .and_then(|t| u32::try_from(t).ok())
+        .unwrap_or(0);
     let timeline = match &receiver {
-        Some(r) if in_recovery && r.received_tli > 0 => r.received_tli.max(checkpoint_tli),
+        Some(r) if in_recovery => r.received_tli.max(checkpoint_tli).max(min_recovery_tli),
+        _ if in_recovery => checkpoint_tli.max(min_recovery_tli),
         _ => checkpoint_tli,
     };
     Ok(LocalPg {

@@ -29,8 +29,9 @@ fn three_agents_bootstrap_clone_replicate_and_answer_health_checks() {
         p, 0,
         "only the node with the bootstrap marker may run initdb"
     );
+    // By name: a clone's pg_basebackup streams too, as pgkeep-clone-<member>.
     c.wait("two streaming replicas", Duration::from_secs(90), |c| {
-        c.streaming_to(p).len() == 2
+        c.streaming_to(p) == ["ag2", "ag3"]
     })
     .unwrap();
     assert_eq!(c.streaming_to(p), ["ag2", "ag3"]);

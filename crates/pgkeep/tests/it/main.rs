@@ -4,6 +4,7 @@ mod agent;
 mod api;
 mod config;
 mod dcs;
+mod faults;
 mod harness;
 mod local;
 mod netbed;

@@ -1,7 +1,8 @@
 //! REST API over HTTPS, in process on 127.0.0.1 with certificates made at test time: health
 //! codes from published snapshots, anonymous answers that describe nothing, the access check of
 //! protected endpoints (basic auth, client-certificate names, source allowlist), refused
-//! plaintext and untrusted clients, malformed requests, keep-alive.
+//! plaintext and untrusted clients, malformed requests, keep-alive, and the state-changing
+//! switchover/failover endpoints against a fake DCS handle.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -212,9 +213,18 @@ struct Running {
 
 impl Running {
     async fn start(cfg: &RestApi, snapshot: ApiSnapshot) -> Running {
+        Running::start_with(cfg, snapshot, None).await
+    }
+
+    /// A server whose state-changing endpoints write through `control`.
+    async fn start_with(
+        cfg: &RestApi,
+        snapshot: ApiSnapshot,
+        control: Option<Arc<dyn api::Control>>,
+    ) -> Running {
         let (publish, rx) = watch::channel(Arc::new(snapshot));
         let stop = CancellationToken::new();
-        let server = api::serve(cfg, rx, stop.clone())
+        let server = api::serve(cfg, rx, control, stop.clone())
             .await
             .expect("server starts");
         let base = format!("https://127.0.0.1:{}", server.local_addr().port());
@@ -266,3 +276,4 @@ fn error_of(resp: &api::ApiResponse) -> String {
 
 mod access;
 mod health;
+mod switchover;

@@ -2,23 +2,33 @@
 //!
 //! ```text
 //! pgkeep ctl (-c FILE | --dir D) list [--format table|json]
+//! pgkeep ctl (-c FILE | --dir D) switchover [--leader A] [--candidate B] [--scheduled T] [--force]
+//! pgkeep ctl (-c FILE | --dir D) failover --candidate B [--force]
+//! pgkeep ctl (-c FILE | --dir D) flush switchover
 //! ```
 //!
 //! The file is `D/ctl.yml` as `pgkeep up` writes it (`--dir D` means exactly that), or any
 //! node's `node.yml`: both have Patroni's `scope`, `namespace`, `etcd3` and `ctl` sections, and
-//! other top-level sections are ignored. `list` reads the cluster from etcd, like `patronictl
-//! list`: member, host:port, role (`leader`, `sync_standby`, `replica`), state (`running`,
-//! `streaming`, `stopped`, ...), timeline and lag in bytes behind the leader.
+//! other top-level sections are ignored (see [`file`]). `list` reads the cluster from etcd, like
+//! `patronictl list`: member, host:port, role (`leader`, `sync_standby`, `replica`), state
+//! (`running`, `streaming`, `stopped`, ...), timeline and lag in bytes behind the leader.
+//! `switchover`, `failover` and `flush switchover` go through the leader's REST API with the
+//! `ctl` section's CA, client certificate and basic auth (see [`manual`]); they exit non-zero
+//! when the server does not answer 2xx.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use pgkeep_core::cluster::{ClusterView, Initialize, Lsn};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::dcs::{Dcs, EtcdDcs, EtcdSettings, TlsFiles};
+use crate::dcs::{Dcs, EtcdDcs, EtcdSettings};
+
+pub mod file;
+pub mod manual;
+
+pub use manual::{FailoverArgs, FlushArgs, FlushTarget, SwitchoverArgs};
 
 /// `pgkeep ctl`.
 #[derive(Debug, Args)]
@@ -45,6 +55,12 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// List the members: host, role, state, timeline and lag.
     List(ListArgs),
+    /// Hand the leader role over to a replica (planned, no data loss), now or at a given time.
+    Switchover(SwitchoverArgs),
+    /// Promote a named member, with or without a running leader (manual failover).
+    Failover(FailoverArgs),
+    /// Cancel a scheduled switchover.
+    Flush(FlushArgs),
 }
 
 /// `ctl list`.
@@ -64,41 +80,6 @@ pub enum Format {
     Json,
 }
 
-/// A list Patroni also accepts as one comma-separated string.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Hosts {
-    List(Vec<String>),
-    Text(String),
-}
-
-/// The `etcd3` section.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EtcdSection {
-    #[serde(default)]
-    host: Option<String>,
-    #[serde(default)]
-    hosts: Option<Hosts>,
-    #[serde(default)]
-    protocol: Option<String>,
-    #[serde(default)]
-    cacert: Option<PathBuf>,
-    #[serde(default)]
-    cert: Option<PathBuf>,
-    #[serde(default)]
-    key: Option<PathBuf>,
-}
-
-/// What `ctl` reads from its file (other top-level keys are ignored, so a node.yml works).
-#[derive(Debug, Deserialize)]
-struct CtlFile {
-    scope: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    etcd3: EtcdSection,
-}
-
 /// Where the configuration file is: `-c FILE`, `--dir D`, or the default environment.
 fn config_path(args: &CtlArgs) -> Result<PathBuf> {
     if let Some(c) = &args.config {
@@ -113,50 +94,6 @@ fn config_path(args: &CtlArgs) -> Result<PathBuf> {
         bail!("give the configuration with -c FILE (or --dir D for a local environment)");
     }
     Ok(p)
-}
-
-fn load(path: &Path) -> Result<EtcdSettings> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let doc: serde_json::Value = serde_saphyr::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: invalid YAML: {e}", path.display()))?;
-    let f: CtlFile = serde_path_to_error::deserialize(&doc)
-        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))?;
-    let e = f.etcd3;
-    let mut hosts: Vec<String> = match e.hosts {
-        None => Vec::new(),
-        Some(Hosts::List(v)) => v,
-        Some(Hosts::Text(t)) => t.split(',').map(|s| s.trim().to_owned()).collect(),
-    };
-    hosts.extend(e.host);
-    hosts.retain(|h| !h.is_empty());
-    if hosts.is_empty() {
-        bail!(
-            "{}: etcd3.hosts: list at least one host:port",
-            path.display()
-        );
-    }
-    let protocol = e.protocol.unwrap_or_else(|| "https".into());
-    if protocol != "https" {
-        bail!(
-            "{}: etcd3.protocol: pgkeep ctl talks to etcd over https only",
-            path.display()
-        );
-    }
-    let (Some(ca), Some(cert), Some(key)) = (e.cacert, e.cert, e.key) else {
-        bail!(
-            "{}: etcd3: set cacert, cert and key (mutual TLS)",
-            path.display()
-        );
-    };
-    Ok(EtcdSettings {
-        endpoints: hosts.into_iter().map(|h| format!("https://{h}")).collect(),
-        tls: Some(TlsFiles { ca, cert, key }),
-        namespace: f.namespace.unwrap_or_else(|| "/service/".into()),
-        scope: f.scope,
-        request_timeout: Duration::from_secs(5),
-        insecure: false,
-    })
 }
 
 /// One member in `ctl list`.
@@ -275,7 +212,7 @@ fn table(scope: &str, view: &ClusterView, rows: &[MemberRow]) -> String {
 }
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error.
-fn print_out(text: &str) -> Result<()> {
+pub(super) fn print_out(text: &str) -> Result<()> {
     use std::io::Write;
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -283,34 +220,50 @@ fn print_out(text: &str) -> Result<()> {
     }
 }
 
+/// Reads the cluster from etcd.
+pub(super) fn read_view(
+    rt: &tokio::runtime::Runtime,
+    settings: &EtcdSettings,
+) -> Result<ClusterView> {
+    let snap = rt
+        .block_on(async {
+            let dcs = EtcdDcs::connect(settings).await?;
+            dcs.load().await
+        })
+        .with_context(|| {
+            format!(
+                "reading the cluster from etcd ({})",
+                settings.endpoints.join(", ")
+            )
+        })?;
+    Ok(snap.view)
+}
+
 /// Runs `pgkeep ctl`.
 pub fn run(args: CtlArgs) -> Result<()> {
     let path = config_path(&args)?;
-    let settings = load(&path)?;
+    let loaded = file::load(&path)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     match args.command {
         CtlCommand::List(l) => {
-            let snap = rt
-                .block_on(async {
-                    let dcs = EtcdDcs::connect(&settings).await?;
-                    dcs.load().await
-                })
-                .with_context(|| {
-                    format!(
-                        "reading the cluster from etcd ({})",
-                        settings.endpoints.join(", ")
-                    )
-                })?;
-            let rows = rows(&snap.view);
+            let view = read_view(&rt, &loaded.etcd)?;
+            let rows = rows(&view);
             let text = match l.format {
                 Format::Json => serde_json::to_string_pretty(&rows)? + "\n",
-                Format::Table => table(&settings.scope, &snap.view, &rows),
+                Format::Table => table(&loaded.etcd.scope, &view, &rows),
             };
             print_out(&text)
         }
+        CtlCommand::Switchover(a) => manual::run_manual(&rt, &loaded, a.force, |view, now| {
+            manual::plan_switchover(view, &a, now)
+        }),
+        CtlCommand::Failover(a) => manual::run_manual(&rt, &loaded, a.force, |view, now| {
+            manual::plan_failover(view, &a.candidate, now)
+        }),
+        CtlCommand::Flush(a) => manual::run_flush(&rt, &loaded, &a),
     }
 }
 
@@ -372,21 +325,5 @@ mod tests {
             t.contains("node2   node1.demo.internal:25433  replica  streaming  1   100"),
             "{t}"
         );
-    }
-
-    #[test]
-    fn a_node_config_is_a_ctl_config() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("node.yml");
-        std::fs::write(
-            &f,
-            "scope: demo\nname: node1\nrestapi: {listen: '127.0.0.1:1'}\netcd3:\n  hosts: a:1,b:2\n  cacert: /ca\n  cert: /c\n  key: /k\n",
-        )
-        .unwrap();
-        let s = load(&f).unwrap();
-        assert_eq!(s.endpoints, ["https://a:1", "https://b:2"]);
-        assert_eq!(s.namespace, "/service/");
-        std::fs::write(&f, "scope: demo\netcd3: {hosts: [a:1], protocol: http}\n").unwrap();
-        assert!(load(&f).unwrap_err().to_string().contains("https only"));
     }
 }
