@@ -7,6 +7,7 @@ mod exec;
 mod observe;
 mod render;
 mod status;
+mod watchdog;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -75,6 +76,8 @@ struct Shell {
     last_logged: String,
     /// The fence guard beside this agent.
     guard: crate::guard::GuardHandle,
+    /// The hardware watchdog.
+    watchdog: watchdog::Watchdog,
 }
 
 impl Shell {
@@ -173,6 +176,11 @@ impl Shell {
                 error = format!("{e:#}"),
                 "NO FENCE GUARD: a frozen or killed agent would leave PostgreSQL running past the lease"
             );
+        }
+        match cmd {
+            ha::WatchdogCmd::Arm { .. } => self.watchdog.keepalive(self.ha.ttl.0 / 1000),
+            ha::WatchdogCmd::Disarm => self.watchdog.disarm(),
+            ha::WatchdogCmd::Hold => {}
         }
         match cmd {
             ha::WatchdogCmd::Arm { until } => {
@@ -398,6 +406,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
         busy_done: Arc::new(tokio::sync::Notify::new()),
         last_logged: String::new(),
         guard,
+        watchdog: watchdog::Watchdog::new(crate::config::Watchdog {
+            mode: cfg.watchdog.mode,
+            device: cfg.watchdog.device.clone(),
+            safety_margin: cfg.watchdog.safety_margin,
+        }),
         cfg,
     };
     if shell.watch.ready(Duration::from_secs(30)).await.is_err() {
@@ -447,6 +460,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
     shell.guard.disarm();
+    shell.watchdog.disarm();
     let _ = shell.dcs.revoke(shell.lease.id).await;
     cancel.cancel();
     if let Err(e) = server.stopped().await {

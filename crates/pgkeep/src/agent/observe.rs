@@ -259,7 +259,7 @@ impl Shell {
             ever_joined: self.marker(JOINED_MARKER),
             initdb_unconfirmed: self.marker(INITDB_MARKER),
             bootstrap_allowed: self.marker(BOOTSTRAP_MARKER),
-            watchdog_failed: false,
+            watchdog_failed: self.watchdog.failed(),
             requests: self.requests.clone(),
             memory: self.memory.clone(),
         }

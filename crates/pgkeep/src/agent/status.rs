@@ -14,6 +14,7 @@ impl Shell {
     /// Publishes the REST API's snapshot for this cycle.
     pub(super) fn publish(&self, obs: &LocalObservation, snap: &Snapshot, state: MemberState) {
         let mut s = MemberStatus::new(&self.cfg.scope, &self.cfg.name);
+        s.watchdog_failed = obs.watchdog_failed;
         let pg = &obs.pg;
         s.state = match pg.process {
             PgProcess::Running | PgProcess::Promoting => "running",

@@ -27,10 +27,21 @@ struct Bed {
 }
 
 fn bed(name: &str, etcd_members: usize, dcs: DcsOptions) -> Bed {
+    bed_with(name, etcd_members, dcs, |_| {})
+}
+
+/// [`bed`], with `tweak` run on the prepared nodes before any agent starts.
+fn bed_with(
+    name: &str,
+    etcd_members: usize,
+    dcs: DcsOptions,
+    tweak: impl FnOnce(&AgentCluster),
+) -> Bed {
     let env = Env::new(name).unwrap();
     let etcd = EtcdCluster::start(&env, etcd_members).unwrap();
     let bin = assert_cmd::cargo::cargo_bin("pgkeep");
     let mut c = AgentCluster::prepare_with(&env, &etcd, name, 3, &bin, &dcs).unwrap();
+    tweak(&c);
     c.start_all().unwrap();
     c.wait("a primary", Duration::from_secs(60), |c| {
         c.primary().is_some()
@@ -112,6 +123,39 @@ impl Bed {
     fn agent_log(&self, i: usize) -> String {
         let svc = self.c.agents[i].service.as_ref().unwrap();
         std::fs::read_to_string(svc.log_path()).unwrap_or_default()
+    }
+
+    /// An operator's REST client (client certificate and basic auth) and a runtime for it.
+    fn api_client(&self) -> (pgkeep::api::ApiClient, tokio::runtime::Runtime) {
+        let ca = std::fs::read(self.env.ca_cert_path()).unwrap();
+        let client = pgkeep::api::ApiClient::builder(&ca)
+            .unwrap()
+            .identity_files(&self.c.operator_cert, &self.c.operator_key)
+            .unwrap()
+            .basic_auth(
+                pgkeep_testkit::API_USER,
+                secrecy::SecretString::from(self.c.api_password.clone()),
+            )
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        (client, rt)
+    }
+
+    /// `POST /switchover` from `leader` to `candidate`; the answer's status and text.
+    fn switchover(&self, leader: usize, candidate: usize) -> (u16, String) {
+        let (client, rt) = self.api_client();
+        let name = |i: usize| self.c.agents[i].node.name.clone();
+        let body = serde_json::json!({"leader": name(leader), "candidate": name(candidate)});
+        let url = format!("{}/switchover", self.c.agents[leader].api_base());
+        let resp = rt
+            .block_on(client.post_json(&url, &body.to_string()))
+            .unwrap();
+        (resp.status, resp.text())
     }
 
     /// Copies every agent's log to `/tmp/pgkeep-fault-logs/<test>/` for a failing test.
@@ -492,22 +536,7 @@ fn write_gap(records: &[Record], from: Duration, to: Duration) -> Duration {
 #[test]
 fn switchover_there_and_back_through_the_rest_api() {
     let b = bed("fswitch", 1, DcsOptions::default());
-    let ca = std::fs::read(b.env.ca_cert_path()).unwrap();
-    let client = pgkeep::api::ApiClient::builder(&ca)
-        .unwrap()
-        .identity_files(&b.c.operator_cert, &b.c.operator_key)
-        .unwrap()
-        .basic_auth(
-            pgkeep_testkit::API_USER,
-            secrecy::SecretString::from(b.c.api_password.clone()),
-        )
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (client, rt) = b.api_client();
     let first = b.c.primary().unwrap();
     let w = Writers::start(&b.target);
     std::thread::sleep(Duration::from_secs(2));
@@ -567,5 +596,95 @@ fn switchover_there_and_back_through_the_rest_api() {
     assert_safe(&r, true);
     assert_eq!(r.primaries.len(), 3, "three timelines: {:?}", r.primaries);
     assert_eq!(b.history_len(), 2);
+    drop(b.env);
+}
+
+/// Appends a `watchdog` section to node `i`'s configuration.
+fn set_watchdog(c: &AgentCluster, i: usize, mode: &str, device: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&c.agents[i].config)
+        .unwrap();
+    writeln!(
+        f,
+        "watchdog: {{mode: {mode}, device: {}, safety_margin: 5}}",
+        device.display()
+    )
+    .unwrap();
+}
+
+/// Watchdog devices (a fake one: a file; never a real device in tests). The leader keeps its
+/// device alive every cycle and closes it with the magic `V` when it hands over; a node whose
+/// watchdog is `required` but missing never becomes leader, even when it is the only choice
+/// besides nothing.
+#[test]
+fn watchdog_is_kept_alive_by_the_leader_and_required_means_required() {
+    let pg = pgkeep_testkit::ServiceUser::postgres().unwrap();
+    let fake = std::cell::RefCell::new(None);
+    let b = bed_with("fwatchdog", 1, DcsOptions::default(), |c| {
+        let dev = c.agents[0].node.dir.join("fake-watchdog");
+        std::fs::write(&dev, b"").unwrap();
+        pg.chown(&dev).unwrap();
+        set_watchdog(c, 0, "automatic", &dev);
+        set_watchdog(
+            c,
+            1,
+            "required",
+            &c.agents[1].node.dir.join("no-such-watchdog"),
+        );
+        *fake.borrow_mut() = Some(dev);
+    });
+    let dev = fake.into_inner().unwrap();
+    assert_eq!(b.c.primary(), Some(0));
+    let len = || std::fs::metadata(&dev).map(|m| m.len()).unwrap_or(0);
+    let before = len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        len() >= before + 2,
+        "the leader keeps its watchdog alive every cycle"
+    );
+    let status: serde_json::Value = {
+        let out = b
+            .etcd
+            .etcdctl(&[
+                "get",
+                "/service/fwatchdog/members/fwatchdog2",
+                "--print-value-only",
+            ])
+            .unwrap();
+        serde_json::from_str(out.stdout.trim()).unwrap()
+    };
+    assert_eq!(status["state"], "running", "{status}");
+    // The leader's host is lost: node 2 (required, no device) must not take over; node 3 does.
+    b.c.kill_host(0).unwrap();
+    let np = b.primary_except(0, Duration::from_secs(45));
+    assert_eq!(
+        np, 2,
+        "the node without its required watchdog must not lead"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(b.c.primary(), Some(2));
+    let log = b.agent_log(1);
+    assert!(
+        log.contains("watchdog.mode is required but the device is not writable"),
+        "{log}"
+    );
+    // Handing over closes the device with the magic character: bring node 1 back, switch over
+    // to it (it arms its device again), then away from it.
+    let mut c = b.c;
+    c.start(0).unwrap();
+    let b = Bed { c, ..b };
+    b.healthy_again(Duration::from_secs(90));
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, text) = b.switchover(2, 0);
+    assert_eq!(code, 200, "{text}");
+    b.healthy_again(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, text) = b.switchover(0, 2);
+    assert_eq!(code, 200, "{text}");
+    b.healthy_again(Duration::from_secs(60));
+    let bytes = std::fs::read(&dev).unwrap();
+    assert_eq!(bytes.last(), Some(&b'V'), "magic close after handing over");
     drop(b.env);
 }
