@@ -113,8 +113,9 @@ pub enum WatchdogCmd {
 /// when present and is never skipped or delayed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Stop PostgreSQL now because this node may not lead: immediate shutdown, escalated to
-    /// SIGKILL of the postmaster's process group. Read-only is not enough.
+    /// Stop PostgreSQL now because this node may not lead: fast shutdown, escalated to
+    /// immediate shutdown and SIGKILL of every process of the instance. Read-only is not
+    /// enough.
     Fence,
     /// Refresh the lease, then `create_revision(leader) == 0 → put(leader, me, lease)`.
     AcquireLeaderKey,
@@ -126,6 +127,9 @@ pub enum Action {
     ReleaseLeaderKey,
     /// `pg_ctl promote`.
     Promote,
+    /// `CHECKPOINT` while still primary, just before a switchover's fast shutdown: the
+    /// shutdown checkpoint then has little left to write, which shortens the write outage.
+    Checkpoint,
     /// Stop PostgreSQL.
     Stop {
         /// Shutdown mode.

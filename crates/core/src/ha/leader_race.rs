@@ -154,6 +154,17 @@ pub(crate) fn plan(cx: &mut Ctx<'_>) -> Plan {
             }),
         );
     }
+    // A switchover to this node: the old leader stopped PostgreSQL and released the key only
+    // after this node confirmed its shutdown checkpoint, so no peer can be ahead or still
+    // primary. Asking them would only lengthen the write outage (Patroni: the candidate is the
+    // healthiest node at once).
+    if i_am_candidate && request.is_some_and(|r| r.leader.is_some()) {
+        return with_pre(
+            pre,
+            Plan::new(MemberState::Candidate, Reason::AcquiringLeaderKey)
+                .with(Action::AcquireLeaderKey),
+        );
+    }
     let Some(report) = &cx.obs.peers else {
         let mut members: Vec<String> = cx
             .view

@@ -159,9 +159,12 @@ pub(crate) fn continue_handover(cx: &mut Ctx<'_>) -> Plan {
             // A holder whose PostgreSQL cannot commit just lets go of the key, unless the agent
             // shuts down.
             if pg.may_commit() || h.kind == HandoverKind::Shutdown {
-                return Plan::new(MemberState::Demoting, stopping_reason)
-                    .with(Action::RenewLeaderKey)
-                    .with(Action::Stop { mode });
+                let mut p =
+                    Plan::new(MemberState::Demoting, stopping_reason).with(Action::RenewLeaderKey);
+                if h.kind == HandoverKind::Switchover && pg.may_commit() {
+                    p = p.with(Action::Checkpoint);
+                }
+                return p.with(Action::Stop { mode });
             }
         }
         PgProcess::Stopping => {

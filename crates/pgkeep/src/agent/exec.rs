@@ -109,6 +109,29 @@ impl Shell {
                 self.promote_requested = true;
                 tracing::info!("promotion requested");
             }
+            Action::Checkpoint => {
+                let client = self
+                    .pg_client
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("no connection to the local postgres"))?;
+                // Bounded: a slow checkpoint only delays the hand-over, the stop still comes.
+                let t = std::time::Instant::now();
+                match tokio::time::timeout(
+                    Duration::from_secs(30),
+                    client.batch_execute("CHECKPOINT"),
+                )
+                .await
+                {
+                    Ok(r) => r.context("CHECKPOINT")?,
+                    Err(_) => tracing::warn!(
+                        "CHECKPOINT before the switchover took over 30 s; stopping anyway"
+                    ),
+                }
+                tracing::info!(
+                    elapsed_ms = t.elapsed().as_millis(),
+                    "checkpoint before the switchover"
+                );
+            }
             Action::Stop { mode } => {
                 let mode = match mode {
                     pgkeep_core::ha::StopMode::Fast => StopMode::Fast,
@@ -537,6 +560,7 @@ fn action_name(a: &Action) -> &'static str {
         Action::RenewLeaderKey => "renew leader key",
         Action::ReleaseLeaderKey => "release leader key",
         Action::Promote => "promote",
+        Action::Checkpoint => "checkpoint",
         Action::Stop { .. } => "stop",
         Action::Start { .. } => "start",
         Action::Restart => "restart",

@@ -28,6 +28,7 @@ fn switchover_stops_primary_with_checkpoint() {
         acts(&d),
         vec![
             Action::RenewLeaderKey,
+            Action::Checkpoint,
             Action::Stop {
                 mode: StopMode::Fast
             }
@@ -287,5 +288,23 @@ fn others_defer_to_named_candidate() {
     );
     // ... but not for ever.
     fx.obs.memory.leader_absent_since = Some(fx.now - fx.cfg.switchover_timeout);
+    assert_eq!(fx.decide().reason, Reason::NeedPeerStatus);
+}
+
+#[test]
+fn switchover_candidate_takes_the_released_key_without_asking_peers() {
+    let mut fx = Fx::leaderless("n2");
+    fx.failover(Some("n1"), Some("n2"));
+    let d = fx.decide();
+    assert_eq!(d.reason, Reason::AcquiringLeaderKey);
+    assert!(d.actions.contains(&Action::AcquireLeaderKey));
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::FetchPeerStatus { .. }))
+    );
+    // A manual failover (no leader named) still asks the peers first.
+    let mut fx = Fx::leaderless("n2");
+    fx.failover(None, Some("n2"));
     assert_eq!(fx.decide().reason, Reason::NeedPeerStatus);
 }
