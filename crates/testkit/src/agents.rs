@@ -114,179 +114,31 @@ impl AgentCluster {
         let api_password = format!("pw-{:016x}", crate::env::random_u64());
         let operator = env.client_cert("operator")?;
         let names: Vec<String> = (1..=n).map(|i| format!("{scope}{i}")).collect();
+        let etcd_hosts: Vec<String> = etcd
+            .endpoints()
+            .iter()
+            .map(|e| e.trim_start_matches("https://").to_owned())
+            .collect();
         let mut agents = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let node = env.add_node(name, &pg)?;
             let pg_port = env.alloc_port(node.addr)?;
             let api_port = env.alloc_port(node.addr)?;
-            let dir = &node.dir;
-            for sub in ["conf", "run", "pki"] {
-                fs::create_dir_all(dir.join(sub))?;
-                pg.chown(&dir.join(sub))?;
-                set_mode(&dir.join(sub), 0o700)?;
-            }
-            let pki = dir.join("pki");
-            let ca = env.install_ca(&pki, &pg)?;
-            let ip = vec![IpAddr::V4(node.addr)];
-            let dns = vec![node.dns_name.clone()];
-            let server = env.issue_cert(
-                &pki,
-                "postgres",
-                &node.dns_name,
-                Usage::Server,
-                dns.clone(),
-                ip.clone(),
-                &pg,
+            let config = write_node_files(
+                env,
+                &node,
+                &NodeSpec {
+                    scope,
+                    members: &names,
+                    etcd_hosts: &etcd_hosts,
+                    pg_port,
+                    api_port,
+                    cluster_networks: &[],
+                    api_password: &api_password,
+                    dcs,
+                    bootstrap: i == 0,
+                },
             )?;
-            let rest = env.issue_cert(
-                &pki,
-                "restapi",
-                &format!("restapi-{name}"),
-                Usage::Server,
-                dns.clone(),
-                ip,
-                &pg,
-            )?;
-            let rest_client = env.issue_cert(
-                &pki,
-                "restapi-client",
-                &format!("restapi-client-{name}"),
-                Usage::Client,
-                vec![],
-                vec![],
-                &pg,
-            )?;
-            let etcd_client = env.issue_cert(
-                &pki,
-                "etcd-client",
-                &format!("pgkeep-{name}"),
-                Usage::Client,
-                vec![],
-                vec![],
-                &pg,
-            )?;
-            let repl = env.issue_cert(
-                &pki,
-                "replication",
-                "replicator",
-                Usage::Client,
-                vec![],
-                vec![],
-                &pg,
-            )?;
-            let rewind = env.issue_cert(
-                &pki,
-                "rewind",
-                "rewind_user",
-                Usage::Client,
-                vec![],
-                vec![],
-                &pg,
-            )?;
-            let pw_file = pki.join("api.pw");
-            fs::write(&pw_file, &api_password)?;
-            pg.chown(&pw_file)?;
-            set_mode(&pw_file, 0o600)?;
-            let allowed: Vec<String> = names
-                .iter()
-                .map(|n| format!("restapi-client-{n}"))
-                .chain(["operator".to_owned()])
-                .collect();
-            let endpoints: Vec<String> = etcd
-                .endpoints()
-                .iter()
-                .map(|e| e.trim_start_matches("https://").to_owned())
-                .collect();
-            let yaml = format!(
-                r#"scope: {scope}
-name: {name}
-restapi:
-  listen: {addr}:{api_port}
-  connect_address: {dns}:{api_port}
-  certfile: {rest_cert}
-  keyfile: {rest_key}
-  cafile: {ca}
-  verify_client: optional
-  authentication:
-    username: {API_USER}
-    password_file: {pw}
-  allowed_client_names: [{allowed}]
-ctl:
-  certfile: {rc_cert}
-  keyfile: {rc_key}
-  cacert: {ca}
-  authentication:
-    username: {API_USER}
-    password_file: {pw}
-etcd3:
-  hosts: [{endpoints}]
-  cacert: {ca}
-  cert: {ec_cert}
-  key: {ec_key}
-bootstrap:
-  dcs:
-    ttl: {ttl}
-    loop_wait: {loop_wait}
-    retry_timeout: {retry_timeout}
-    maximum_lag_on_failover: 1048576
-    synchronous_mode: {sync}
-  initdb: [{{encoding: UTF8}}, {{locale: C}}]
-postgresql:
-  listen: {addr}:{pg_port}
-  connect_address: {dns}:{pg_port}
-  data_dir: {data}
-  config_dir: {conf}
-  bin_dir: {bin}
-  authentication:
-    replication: {{username: replicator, sslcert: {repl_cert}, sslkey: {repl_key}, sslrootcert: {ca}}}
-    rewind: {{username: rewind_user, sslcert: {rw_cert}, sslkey: {rw_key}, sslrootcert: {ca}}}
-  parameters:
-    ssl_cert_file: {srv_cert}
-    ssl_key_file: {srv_key}
-    ssl_ca_file: {ca}
-    unix_socket_directories: {run}
-    fsync: "off"
-log:
-  level: {log_level}
-"#,
-                addr = node.addr,
-                dns = node.dns_name,
-                rest_cert = rest.cert.display(),
-                rest_key = rest.key.display(),
-                ca = ca.display(),
-                pw = pw_file.display(),
-                allowed = allowed.join(", "),
-                rc_cert = rest_client.cert.display(),
-                rc_key = rest_client.key.display(),
-                endpoints = endpoints.join(", "),
-                ec_cert = etcd_client.cert.display(),
-                ec_key = etcd_client.key.display(),
-                data = dir.join("data").display(),
-                conf = dir.join("conf").display(),
-                bin = crate::PG_BIN_DIR,
-                repl_cert = repl.cert.display(),
-                repl_key = repl.key.display(),
-                rw_cert = rewind.cert.display(),
-                rw_key = rewind.key.display(),
-                srv_cert = server.cert.display(),
-                srv_key = server.key.display(),
-                run = dir.join("run").display(),
-                ttl = dcs.ttl,
-                loop_wait = dcs.loop_wait,
-                retry_timeout = dcs.retry_timeout,
-                sync = dcs.synchronous_mode,
-                log_level =
-                    std::env::var("PGKEEP_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            );
-            let config = dir.join("node.yml");
-            fs::write(&config, yaml)?;
-            pg.chown(&config)?;
-            set_mode(&config, 0o600)?;
-            if i == 0 {
-                let marker = dir.join("conf").join("pgkeep-bootstrap-allowed");
-                fs::write(&marker, b"")?;
-                pg.chown(&marker)?;
-            }
             agents.push(Agent {
                 node,
                 pg_port,
@@ -407,4 +259,211 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// What [`write_node_files`] needs besides the node itself (address, DNS name, directory,
+/// user): the cluster around it and where it listens.
+pub(crate) struct NodeSpec<'a> {
+    /// The cluster name.
+    pub(crate) scope: &'a str,
+    /// Every member's name (each agent accepts the others' REST client certificates).
+    pub(crate) members: &'a [String],
+    /// etcd endpoints as `host:port`.
+    pub(crate) etcd_hosts: &'a [String],
+    /// PostgreSQL port (on the node's address).
+    pub(crate) pg_port: u16,
+    /// REST API port (on the node's address).
+    pub(crate) api_port: u16,
+    /// `pgkeep.cluster_networks`; empty leaves the key out (pgkeep then allows the listen
+    /// address, and `127.0.0.0/8` on loopback).
+    pub(crate) cluster_networks: &'a [String],
+    /// The REST API password.
+    pub(crate) api_password: &'a str,
+    /// `bootstrap.dcs`.
+    pub(crate) dcs: &'a DcsOptions,
+    /// Whether this node may bootstrap the cluster (gets the bootstrap marker).
+    pub(crate) bootstrap: bool,
+}
+
+/// Writes one agent's files into `node.dir`: `conf/`, `run/`, `pki/` (0700), the CA, the
+/// server, REST and client certificates (naming `node`'s DNS name and address), the REST
+/// password file, `node.yml` (0600) and, for the bootstrap node, the bootstrap marker. Every
+/// file is owned by `node.user`. Returns the path of `node.yml`.
+pub(crate) fn write_node_files(env: &Env, node: &Node, spec: &NodeSpec<'_>) -> Result<PathBuf> {
+    let pg = &node.user;
+    let name = &node.name;
+    let dir = &node.dir;
+    for sub in ["conf", "run", "pki"] {
+        fs::create_dir_all(dir.join(sub))?;
+        pg.chown(&dir.join(sub))?;
+        set_mode(&dir.join(sub), 0o700)?;
+    }
+    let pki = dir.join("pki");
+    let ca = env.install_ca(&pki, pg)?;
+    let ip = vec![IpAddr::V4(node.addr)];
+    let dns = vec![node.dns_name.clone()];
+    let server = env.issue_cert(
+        &pki,
+        "postgres",
+        &node.dns_name,
+        Usage::Server,
+        dns.clone(),
+        ip.clone(),
+        pg,
+    )?;
+    let rest = env.issue_cert(
+        &pki,
+        "restapi",
+        &format!("restapi-{name}"),
+        Usage::Server,
+        dns.clone(),
+        ip,
+        pg,
+    )?;
+    let rest_client = env.issue_cert(
+        &pki,
+        "restapi-client",
+        &format!("restapi-client-{name}"),
+        Usage::Client,
+        vec![],
+        vec![],
+        pg,
+    )?;
+    let etcd_client = env.issue_cert(
+        &pki,
+        "etcd-client",
+        &format!("pgkeep-{name}"),
+        Usage::Client,
+        vec![],
+        vec![],
+        pg,
+    )?;
+    let repl = env.issue_cert(
+        &pki,
+        "replication",
+        "replicator",
+        Usage::Client,
+        vec![],
+        vec![],
+        pg,
+    )?;
+    let rewind = env.issue_cert(
+        &pki,
+        "rewind",
+        "rewind_user",
+        Usage::Client,
+        vec![],
+        vec![],
+        pg,
+    )?;
+    let pw_file = pki.join("api.pw");
+    fs::write(&pw_file, spec.api_password)?;
+    pg.chown(&pw_file)?;
+    set_mode(&pw_file, 0o600)?;
+    let allowed: Vec<String> = spec
+        .members
+        .iter()
+        .map(|n| format!("restapi-client-{n}"))
+        .chain(["operator".to_owned()])
+        .collect();
+    let dcs = spec.dcs;
+    let mut yaml = format!(
+        r#"scope: {scope}
+name: {name}
+restapi:
+  listen: {addr}:{api_port}
+  connect_address: {dns}:{api_port}
+  certfile: {rest_cert}
+  keyfile: {rest_key}
+  cafile: {ca}
+  verify_client: optional
+  authentication:
+    username: {API_USER}
+    password_file: {pw}
+  allowed_client_names: [{allowed}]
+ctl:
+  certfile: {rc_cert}
+  keyfile: {rc_key}
+  cacert: {ca}
+  authentication:
+    username: {API_USER}
+    password_file: {pw}
+etcd3:
+  hosts: [{endpoints}]
+  cacert: {ca}
+  cert: {ec_cert}
+  key: {ec_key}
+bootstrap:
+  dcs:
+    ttl: {ttl}
+    loop_wait: {loop_wait}
+    retry_timeout: {retry_timeout}
+    maximum_lag_on_failover: 1048576
+    synchronous_mode: {sync}
+  initdb: [{{encoding: UTF8}}, {{locale: C}}]
+postgresql:
+  listen: {addr}:{pg_port}
+  connect_address: {dns}:{pg_port}
+  data_dir: {data}
+  config_dir: {conf}
+  bin_dir: {bin}
+  authentication:
+    replication: {{username: replicator, sslcert: {repl_cert}, sslkey: {repl_key}, sslrootcert: {ca}}}
+    rewind: {{username: rewind_user, sslcert: {rw_cert}, sslkey: {rw_key}, sslrootcert: {ca}}}
+  parameters:
+    ssl_cert_file: {srv_cert}
+    ssl_key_file: {srv_key}
+    ssl_ca_file: {ca}
+    unix_socket_directories: {run}
+    fsync: "off"
+log:
+  level: {log_level}
+"#,
+        scope = spec.scope,
+        addr = node.addr,
+        dns = node.dns_name,
+        api_port = spec.api_port,
+        pg_port = spec.pg_port,
+        rest_cert = rest.cert.display(),
+        rest_key = rest.key.display(),
+        ca = ca.display(),
+        pw = pw_file.display(),
+        allowed = allowed.join(", "),
+        rc_cert = rest_client.cert.display(),
+        rc_key = rest_client.key.display(),
+        endpoints = spec.etcd_hosts.join(", "),
+        ec_cert = etcd_client.cert.display(),
+        ec_key = etcd_client.key.display(),
+        data = dir.join("data").display(),
+        conf = dir.join("conf").display(),
+        bin = crate::PG_BIN_DIR,
+        repl_cert = repl.cert.display(),
+        repl_key = repl.key.display(),
+        rw_cert = rewind.cert.display(),
+        rw_key = rewind.key.display(),
+        srv_cert = server.cert.display(),
+        srv_key = server.key.display(),
+        run = dir.join("run").display(),
+        ttl = dcs.ttl,
+        loop_wait = dcs.loop_wait,
+        retry_timeout = dcs.retry_timeout,
+        sync = dcs.synchronous_mode,
+        log_level = std::env::var("PGKEEP_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    if !spec.cluster_networks.is_empty() {
+        yaml.push_str(&format!(
+            "pgkeep:\n  cluster_networks: [{}]\n",
+            spec.cluster_networks.join(", ")
+        ));
+    }
+    let config = dir.join("node.yml");
+    fs::write(&config, yaml)?;
+    pg.chown(&config)?;
+    set_mode(&config, 0o600)?;
+    if spec.bootstrap {
+        let marker = dir.join("conf").join("pgkeep-bootstrap-allowed");
+        fs::write(&marker, b"")?;
+        pg.chown(&marker)?;
+    }
+    Ok(config)
 }

@@ -37,6 +37,7 @@
 //! users), which is how the integration tests run.
 
 mod agents;
+mod bedcluster;
 mod cgroup;
 mod env;
 mod etcd;
@@ -50,6 +51,7 @@ mod service;
 mod sweep;
 
 pub use agents::{API_USER, Agent, AgentCluster, DcsOptions};
+pub use bedcluster::{BedAgentCluster, BedEtcdCluster};
 pub use env::{ClientCert, Env, Node, ServiceUser};
 pub use etcd::{ETCD_CLIENT_CN, EtcdCluster};
 pub use faults::process_tree;

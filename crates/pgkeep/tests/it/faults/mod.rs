@@ -3,6 +3,7 @@
 //! synchronous mode, never two primaries committing at once, a healthy cluster again within a
 //! bound. Each test prints its figures (`cargo nextest ... --no-capture` shows them).
 
+mod partition;
 mod planned;
 mod unplanned;
 mod writer;

@@ -7,8 +7,15 @@
 //! commits while another was promoted is caught in the act. Each acknowledged insert returns the
 //! node's port and its current timeline (from `pg_walfile_name(pg_current_wal_lsn())`), which
 //! is how the checker tells primaries apart.
+//!
+//! In a network-namespace bed the nodes' addresses exist only inside the bed: a [`Route`]
+//! names the namespace every writer thread enters (`setns`, which is per thread) before it
+//! creates its runtime and sockets, and each node's address, to connect to by address with
+//! the node's DNS name as TLS server name.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -52,6 +59,20 @@ pub(super) struct Target {
     pub(super) tls: rustls::ClientConfig,
 }
 
+/// Where the writers' sockets live when the nodes are in a network-namespace bed.
+#[derive(Clone, Debug)]
+pub(super) struct Route {
+    /// The network namespace every writer thread joins, `/run/netns/<ns>`.
+    pub(super) netns: PathBuf,
+    /// Each node's address, in the order of [`Target::nodes`] (whose DNS names stay the TLS
+    /// server names).
+    pub(super) addrs: Vec<IpAddr>,
+}
+
+/// One node as a writer connects to it: DNS name, port, and the address to use instead of
+/// resolving the name.
+type NodeAddr = (String, u16, Option<IpAddr>);
+
 /// Running writers.
 pub(super) struct Writers {
     stop: Arc<AtomicBool>,
@@ -77,17 +98,41 @@ const MAX_RUN: Duration = Duration::from_secs(600);
 impl Writers {
     /// Starts the multi-host writer `any` and one direct writer per node (`node<port>`).
     pub(super) fn start(target: &Target) -> Writers {
+        Self::start_routed(target, None)
+    }
+
+    /// [`Writers::start`], with every writer inside `route`'s network namespace connecting to
+    /// the nodes by `route`'s addresses (when given).
+    pub(super) fn start_routed(target: &Target, route: Option<&Route>) -> Writers {
+        if let Some(r) = route {
+            assert_eq!(r.addrs.len(), target.nodes.len(), "one address per node");
+        }
+        let nodes: Vec<NodeAddr> = target
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (h, p))| (h.clone(), *p, route.map(|r| r.addrs[i])))
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let t0 = Instant::now();
         let mut handles = Vec::new();
-        let mut specs = vec![("any".to_owned(), target.nodes.clone(), true)];
-        for n in &target.nodes {
+        let mut specs = vec![("any".to_owned(), nodes.clone(), true)];
+        for n in &nodes {
             specs.push((format!("node{}", n.1), vec![n.clone()], false));
         }
         for (name, nodes, rw) in specs {
             let stop = stop.clone();
             let target = target.clone();
+            let netns = route.map(|r| r.netns.clone());
             handles.push(std::thread::spawn(move || {
+                if let Some(ns) = netns {
+                    // Network namespaces are per thread: this thread (and the threads it
+                    // starts, such as the runtime's blocking pool) now lives in the bed.
+                    let f = std::fs::File::open(&ns)
+                        .unwrap_or_else(|e| panic!("opening {}: {e}", ns.display()));
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .unwrap_or_else(|e| panic!("setns {}: {e}", ns.display()));
+                }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -113,10 +158,13 @@ impl Writers {
     }
 }
 
-fn config(nodes: &[(String, u16)], rw: bool, t: &Target) -> Config {
+fn config(nodes: &[NodeAddr], rw: bool, t: &Target) -> Config {
     let mut c = Config::new();
-    for (h, p) in nodes {
+    for (h, p, addr) in nodes {
         c.host(h).port(*p);
+        if let Some(a) = addr {
+            c.hostaddr(*a);
+        }
     }
     c.user(&t.user)
         .password(&t.password)
@@ -157,7 +205,7 @@ async fn connect(cfg: &Config, t: &Target, warned: Arc<AtomicBool>) -> Option<Cl
 
 async fn write_loop(
     name: String,
-    nodes: Vec<(String, u16)>,
+    nodes: Vec<NodeAddr>,
     rw: bool,
     target: Target,
     stop: Arc<AtomicBool>,
