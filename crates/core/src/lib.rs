@@ -9,5 +9,6 @@ pub mod cluster;
 pub mod dynamic;
 pub mod ha;
 pub mod health;
+pub mod ops;
 pub mod pgconf;
 pub mod policy;

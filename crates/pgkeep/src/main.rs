@@ -28,7 +28,7 @@ enum Command {
     Up(cli::up::UpArgs),
     /// Stop the local environment (keeps the data unless --purge).
     Down(cli::up::DownArgs),
-    /// Operator CLI: list the cluster's members.
+    /// Operator CLI: list, switch over, pause, restart, reinitialize, edit the configuration.
     Ctl(cli::ctl::CtlArgs),
     /// The fence guard the agent starts beside itself (not for direct use).
     #[command(hide = true)]

@@ -501,6 +501,13 @@ impl<'a> Ctx<'a> {
             }) => note = Some((reason, actions, wake)),
             None => {}
         }
+        if self.obs.requests.restart {
+            // `POST /restart` on the leader: restart the primary in place while holding the key
+            // (renewed first, so the restart has a whole lease to finish in), as Patroni does.
+            return Plan::new(MemberState::Primary, Reason::RestartRequested)
+                .with(Action::RenewLeaderKey)
+                .with(Action::Restart);
+        }
         let mut p =
             Plan::new(MemberState::Primary, Reason::LeaderRenewed).with(Action::RenewLeaderKey);
         if let Some((reason, actions, wake)) = note {

@@ -199,6 +199,10 @@ fn reinitialize(cx: &Ctx<'_>, leader: &str) -> Plan {
             mode: StopMode::Fast,
         });
     }
-    let source = super::rejoin::clone_source(cx).unwrap_or_else(|| leader.to_owned());
+    let source = if cx.obs.requests.reinitialize_from_leader {
+        leader.to_owned()
+    } else {
+        clone_source(cx).unwrap_or_else(|| leader.to_owned())
+    };
     Plan::new(MemberState::Cloning, Reason::Reinitialize).with(Action::Clone { source, wipe: true })
 }

@@ -252,7 +252,11 @@ pub struct LocalRequests {
     pub shutdown: bool,
     /// `POST /reinitialize`: wipe and clone again (refused on the leader).
     pub reinitialize: bool,
-    /// `POST /restart`: restart PostgreSQL.
+    /// With `reinitialize`: clone from the leader even when a `clonefrom` member runs
+    /// (`POST /reinitialize {"from_leader": true}`).
+    pub reinitialize_from_leader: bool,
+    /// `POST /restart`: restart PostgreSQL in its current role (a replica, or the leader's
+    /// primary while it holds the key). The shell clears it once the restart was carried out.
     pub restart: bool,
 }
 

@@ -5,6 +5,7 @@
 mod control;
 mod exec;
 mod observe;
+mod ops;
 mod render;
 mod status;
 mod watchdog;
@@ -78,6 +79,8 @@ struct Shell {
     guard: crate::guard::GuardHandle,
     /// The hardware watchdog.
     watchdog: watchdog::Watchdog,
+    /// Operator requests from the REST API (restart, reinitialize, reload).
+    ops: ops::Ops,
 }
 
 impl Shell {
@@ -143,6 +146,7 @@ impl Shell {
             }
             Err(e) => tracing::error!(error = %e, "keeping the previous dynamic configuration"),
         }
+        self.apply_dynamic_parameters();
     }
 
     /// Collects the finished background operation, if any.
@@ -199,6 +203,7 @@ impl Shell {
     /// One cycle. Returns when the next one may start.
     async fn cycle(&mut self) -> Millis {
         self.reap_busy().await;
+        self.expire_requests();
         self.refresh_dynamic();
         if self.leader_lease.is_none()
             && let Err(e) = self.keepalive().await
@@ -223,7 +228,9 @@ impl Shell {
             self.memory = decision.memory.clone();
             let mut replan = false;
             for action in &decision.actions {
-                if let exec::Outcome::Replan = self.execute(action).await {
+                let outcome = self.execute(action).await;
+                self.request_acted(action);
+                if let exec::Outcome::Replan = outcome {
                     replan = true;
                     break;
                 }
@@ -353,6 +360,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", cfg.postgresql.config_dir.display()))?;
     let (api_tx, api_rx) = watch::channel(Arc::new(ApiSnapshot::new(&cfg.scope, &cfg.name)));
     let cancel = CancellationToken::new();
+    let (ops_tx, mut ops_rx) = tokio::sync::mpsc::channel(8);
+    let allowlist = Arc::new(std::sync::RwLock::new(
+        cfg.dynamic_parameter_allowlist.clone(),
+    ));
+    let ops = ops::Ops::new(allowlist.clone(), base.parameters.clone());
     let server = api::serve(
         &cfg.restapi,
         api_rx,
@@ -362,6 +374,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
             port: layout.node.port,
             user: cfg.postgresql.authentication.superuser.username.clone(),
             client: tokio::sync::Mutex::new(None),
+            requests: ops_tx,
+            allowlist,
         })),
         cancel.clone(),
     )
@@ -411,6 +425,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             device: cfg.watchdog.device.clone(),
             safety_margin: cfg.watchdog.safety_margin,
         }),
+        ops,
         cfg,
     };
     if shell.watch.ready(Duration::from_secs(30)).await.is_err() {
@@ -451,6 +466,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 _ = term.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
                 _ = int.recv() => shutdown_started = shutdown_started.or(Some(Instant::now())),
                 _ = hup.recv() => shell.reload(config_path),
+                // A restart, reinitialize or reload request from the REST API: act at once.
+                Some(env) = ops_rx.recv() => shell.accept_request(env, config_path),
             }
             break;
         }
@@ -496,6 +513,7 @@ impl Shell {
                 if let Err(e) = self.render(standby).and_then(|()| self.reload_pg()) {
                     tracing::error!(error = format!("{e:#}"), "re-rendering after reload failed");
                 }
+                self.share_allowlist();
                 tracing::info!("configuration reloaded");
             }
             Err(e) => {

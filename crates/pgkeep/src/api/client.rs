@@ -214,7 +214,33 @@ impl ApiClient {
         url: &str,
         body: Option<(&'static str, Vec<u8>)>,
     ) -> Result<ApiResponse, reqwest::Error> {
+        self.send_with(method, url, body, None).await
+    }
+
+    /// Sends a JSON body with `method` (`PATCH`, `PUT`, `POST`), with `If-Match: "<revision>"`
+    /// when `if_match` names one (`PATCH`/`PUT /config` then write only over that revision).
+    pub async fn send_json(
+        &self,
+        method: Method,
+        url: &str,
+        json: &str,
+        if_match: Option<i64>,
+    ) -> Result<ApiResponse, reqwest::Error> {
+        let body = Some(("application/json", json.as_bytes().to_vec()));
+        self.send_with(method, url, body, if_match).await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+        if_match: Option<i64>,
+    ) -> Result<ApiResponse, reqwest::Error> {
         let mut req = self.http.request(method, url);
+        if let Some(rev) = if_match {
+            req = req.header(reqwest::header::IF_MATCH, format!("\"{rev}\""));
+        }
         if let Some((content_type, bytes)) = body {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, content_type)

@@ -1,14 +1,19 @@
 //! What the state-changing endpoints may do to the cluster: the [`Control`] handle.
 //!
-//! The REST API reads only the agent's published snapshot; the few endpoints that change the
-//! cluster (`POST /switchover`, `POST /failover`, `DELETE /switchover`) write through this
-//! handle, so a server started without one (tests, tools) cannot change anything and says so.
+//! The REST API reads only the agent's published snapshot; the endpoints that change the
+//! cluster (`POST /switchover`, `POST /failover`, `DELETE /switchover`, `PATCH`/`PUT /config`)
+//! write through this handle, and those that act on the local node (`POST /restart`,
+//! `POST /reinitialize`, `POST /reload`) hand a [`LocalRequest`] to the agent's loop through
+//! it. A server started without one (tests, tools) cannot change anything and says so.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use pgkeep_core::cluster::FailoverRequest;
+use pgkeep_core::policy::GucName;
+use serde_json::{Map, Value};
 
 use crate::dcs::{Cas, Dcs, EtcdDcs, Expect};
 
@@ -44,6 +49,102 @@ pub trait Control: Send + Sync {
     fn live_positions(&self) -> BoxFuture<'_, Option<LivePositions>> {
         Box::pin(async { None })
     }
+
+    /// Writes the whole dynamic configuration (`/config`) under `expect`. The caller has
+    /// checked it with [`pgkeep_core::ops::check_config`].
+    fn put_config<'a>(
+        &'a self,
+        config: &'a Map<String, Value>,
+        expect: Expect,
+    ) -> BoxFuture<'a, Result<Cas, ControlError>> {
+        let _ = (config, expect);
+        Box::pin(async { Err(ControlError(NO_CONFIG_WRITES.into())) })
+    }
+
+    /// Hands a request to the local agent's loop and waits for its answer: for
+    /// [`LocalRequest::Restart`] until PostgreSQL is back (or the restart failed), for the others
+    /// until the agent accepted it. The caller bounds the wait.
+    fn request(
+        &self,
+        request: LocalRequest,
+    ) -> BoxFuture<'_, Result<RequestOutcome, ControlError>> {
+        let _ = request;
+        Box::pin(async { Err(ControlError(NO_AGENT.into())) })
+    }
+
+    /// The node's `pgkeep.dynamic_parameter_allowlist` (extra parameters the dynamic
+    /// configuration may set), for checking `PATCH`/`PUT /config`.
+    fn dynamic_allowlist(&self) -> BTreeSet<GucName> {
+        BTreeSet::new()
+    }
+
+    /// The parameters whose change waits for a restart, read from PostgreSQL now (bounded to a
+    /// few hundred milliseconds): Patroni's `pending_restart_reason`. `None`: not known (no
+    /// answer in time, PostgreSQL down); the snapshot's `pending_restart` flag is used.
+    fn pending_restart(&self) -> BoxFuture<'_, Option<BTreeMap<String, PendingChange>>> {
+        Box::pin(async { None })
+    }
+
+    /// How long `POST /restart` waits for PostgreSQL to be back: the request's `timeout` when
+    /// it names one, else [`DEFAULT_RESTART_WAIT`]. Tests shorten it.
+    fn restart_wait(&self, requested: Option<Duration>) -> Duration {
+        requested.unwrap_or(DEFAULT_RESTART_WAIT)
+    }
+}
+
+/// What `POST /restart` waits for PostgreSQL by default.
+pub const DEFAULT_RESTART_WAIT: Duration = Duration::from_secs(120);
+
+const NO_CONFIG_WRITES: &str = "this server cannot write the configuration";
+const NO_AGENT: &str = "this server has no agent to act on the request";
+
+/// A request for the local agent, from the REST API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalRequest {
+    /// `POST /restart`: restart PostgreSQL in its current role.
+    Restart,
+    /// `POST /reinitialize`: wipe the data directory and clone again.
+    Reinitialize {
+        /// Replace a restart or reinitialize request that was accepted and not acted on yet.
+        force: bool,
+        /// Clone from the leader even when a `clonefrom` member runs.
+        from_leader: bool,
+    },
+    /// `POST /reload`: re-read the local configuration file (what SIGHUP does).
+    Reload,
+}
+
+impl LocalRequest {
+    /// `restart`, `reinitialize` or `reload`.
+    pub fn noun(self) -> &'static str {
+        match self {
+            LocalRequest::Restart => "restart",
+            LocalRequest::Reinitialize { .. } => "reinitialize",
+            LocalRequest::Reload => "reload",
+        }
+    }
+}
+
+/// The agent's answer to a [`LocalRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Carried out (restart: PostgreSQL runs again; reload: configuration re-read).
+    Done,
+    /// Accepted; the agent acts on it in its next cycles (reinitialize).
+    Accepted,
+    /// Not accepted, with Patroni's reason (`restart already in progress`, ...).
+    Refused(String),
+    /// Accepted but it failed or was not carried out, with the reason.
+    Failed(String),
+}
+
+/// One parameter whose new value waits for a restart.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingChange {
+    /// The value PostgreSQL runs with.
+    pub old_value: String,
+    /// The value of the configuration files.
+    pub new_value: String,
 }
 
 /// A standby's WAL positions, as of the request.
@@ -63,6 +164,18 @@ impl Control for EtcdDcs {
     ) -> BoxFuture<'a, Result<Cas, ControlError>> {
         Box::pin(async move {
             Dcs::put_failover(self, request, expect)
+                .await
+                .map_err(|e| ControlError(e.to_string()))
+        })
+    }
+
+    fn put_config<'a>(
+        &'a self,
+        config: &'a Map<String, Value>,
+        expect: Expect,
+    ) -> BoxFuture<'a, Result<Cas, ControlError>> {
+        Box::pin(async move {
+            Dcs::put_config(self, config, expect)
                 .await
                 .map_err(|e| ControlError(e.to_string()))
         })

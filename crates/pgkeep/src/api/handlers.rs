@@ -1,6 +1,7 @@
 //! The router and the request handlers. Handlers read the latest [`ApiSnapshot`] and nothing
 //! else: no SQL, no etcd read, no file access per request. The state-changing endpoints
-//! ([`super::switchover`]) write through the [`Control`] handle.
+//! ([`super::switchover`], [`super::dynconf`], [`super::local`]) go through the [`Control`]
+//! handle.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use super::ApiSnapshot;
 use super::auth::{self, AccessPolicy};
 use super::control::Control;
 use super::json::{cluster_json, error_body};
-use super::switchover;
+use super::{dynconf, local, switchover};
 
 /// What every handler shares: the access policy, the agent's published state and the handle
 /// that may change the cluster.
@@ -65,12 +66,23 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/patroni", get(patroni))
         .route("/cluster", get(cluster))
         .route("/history", get(history))
-        .route("/config", get(config))
+        .route(
+            "/config",
+            get(config)
+                .patch(dynconf::patch_config)
+                .put(dynconf::put_config),
+        )
         .route(
             "/switchover",
             post(switchover::post_switchover).delete(switchover::delete_switchover),
         )
         .route("/failover", post(switchover::post_failover))
+        .route(
+            "/restart",
+            post(local::post_restart).delete(local::delete_restart),
+        )
+        .route("/reinitialize", post(local::post_reinitialize))
+        .route("/reload", post(local::post_reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
         .merge(protected)
@@ -234,25 +246,46 @@ async fn readiness(State(state): State<AppState>, req: Request) -> Response {
     }
 }
 
-/// `GET /patroni`: the status JSON, always 200.
+/// `GET /patroni`: the status JSON, always 200. A standby's WAL positions are read live (see
+/// [`Control::live_positions`]), and when a restart is pending, which parameters wait for it
+/// (`pending_restart_reason`, see [`Control::pending_restart`]).
 async fn patroni(State(state): State<AppState>) -> Response {
     let snapshot = state.snapshot();
-    let live = match (&state.control, &snapshot.status.xlog) {
-        (Some(c), Some(super::Xlog::Replica { .. })) => c.live_positions().await,
-        _ => None,
-    };
-    let Some(live) = live else {
+    let Some(control) = &state.control else {
         return status_json(StatusCode::OK, &snapshot);
     };
+    let live = async {
+        match &snapshot.status.xlog {
+            Some(super::Xlog::Replica { .. }) => control.live_positions().await,
+            _ => None,
+        }
+    };
+    let pending = async {
+        if snapshot.status.pending_restart {
+            control.pending_restart().await
+        } else {
+            None
+        }
+    };
+    let (live, pending) = tokio::join!(live, pending);
+    if live.is_none() && pending.is_none() {
+        return status_json(StatusCode::OK, &snapshot);
+    }
     let mut fresh = ApiSnapshot::clone(&snapshot);
-    if let Some(super::Xlog::Replica {
-        received_location,
-        replayed_location,
-        ..
-    }) = &mut fresh.status.xlog
+    if let Some(live) = live
+        && let Some(super::Xlog::Replica {
+            received_location,
+            replayed_location,
+            ..
+        }) = &mut fresh.status.xlog
     {
         *received_location = (*received_location).max(live.received);
         *replayed_location = (*replayed_location).max(live.replayed);
+    }
+    if let Some(reasons) = pending
+        && !reasons.is_empty()
+    {
+        fresh.status.pending_restart_reason = serde_json::to_value(&reasons).ok();
     }
     status_json(StatusCode::OK, &fresh)
 }
@@ -290,10 +323,7 @@ async fn history(State(state): State<AppState>) -> Response {
 async fn config(State(state): State<AppState>) -> Response {
     let snapshot = state.snapshot();
     match snapshot.cluster.as_ref().and_then(|v| v.config.as_ref()) {
-        Some(cfg) => match serde_json::to_vec(&cfg.value) {
-            Ok(body) => json_response(StatusCode::OK, body),
-            Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
-        },
+        Some(cfg) => dynconf::config_response(&cfg.value, Some(cfg.mod_revision)),
         None => error_response(
             StatusCode::BAD_GATEWAY,
             "the DCS holds no valid configuration",
@@ -305,8 +335,9 @@ async fn config(State(state): State<AppState>) -> Response {
 async fn method_not_allowed(req: Request) -> Response {
     let allow = match req.uri().path() {
         "/liveness" | "/readiness" => "GET, HEAD, OPTIONS",
-        "/switchover" => "POST, DELETE",
-        "/failover" => "POST",
+        "/switchover" | "/restart" => "POST, DELETE",
+        "/failover" | "/reinitialize" | "/reload" => "POST",
+        "/config" => "GET, HEAD, PATCH, PUT",
         _ => "GET, HEAD",
     };
     let mut resp = error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");

@@ -32,6 +32,11 @@
 //! | `POST /switchover` `{"leader", "candidate"?, "scheduled_at"?}` | required | text: 200 `Successfully switched over to "X"` / `Switched over to "X" instead of "Y"`, 202 `Switchover scheduled`, 400/422 invalid request, 412 not possible now, 409 key changed concurrently, 503 `Switchover failed` / `... status unknown after N seconds; operation may still be in progress` / DCS write failed |
 //! | `POST /failover` `{"candidate", "leader"?}` | required | as `POST /switchover` (`Successfully failed over to "X"`); never scheduled; with `leader` it is a switchover |
 //! | `DELETE /switchover` | required | text: 200 `scheduled switchover deleted`, 404 `no switchover is scheduled`, 409 key changed concurrently |
+//! | `PATCH /config` (JSON merge patch), `PUT /config` (replace) | required | 200 + the configuration written (`ETag: "<mod_revision>"`), 422 + `{"error", "refused": [{"key", "reason", "security"}]}` when the result would hold a key the agents drop, 409 changed concurrently (or `If-Match` revision differs), 503/502 write failed; see [`dynconf`] |
+//! | `POST /restart` `{"restart_pending"?, "role"?, "postgres_version"?, "timeout"?}` | required | text: 200 `restarted successfully`, 503 `restart conditions are not satisfied...`, 400 `schedule` (not supported) or unknown keys; see [`local`] |
+//! | `DELETE /restart` | required | text: 404 `no restarts are scheduled` |
+//! | `POST /reinitialize` `{"force"?, "from_leader"?}` | required | text: 200 `reinitialize started`, 503 `I am the leader, can not reinitialize` / `Cluster has no leader, can not reinitialize` / `... already in progress` |
+//! | `POST /reload` | required | text: 202 `reload scheduled` |
 //!
 //! `HEAD` and `OPTIONS` answers carry no body. Errors are JSON `{"error": "..."}`, except the
 //! answers of the state-changing endpoints, which are plain text in Patroni's words (see
@@ -74,12 +79,21 @@
 //! - `GET /switchover` and `GET /failover` answer 405 (Patroni: a 503 health check).
 //! - A state-changing request without `Content-Length` has an empty (or chunked) body, bounded
 //!   like any other (Patroni answers 411).
+//! - `PATCH`/`PUT /config` **refuse** (422, naming each key) a configuration holding a key the
+//!   agents would drop — a key that could run code, name files or weaken security, an unknown
+//!   key, a malformed or unsafe value, unsafe timing — where Patroni writes it and every node
+//!   silently ignores what it cannot use. Keys already present and left untouched do not block
+//!   an edit. `PUT` is a compare-and-swap too (Patroni overwrites), and both honour `If-Match`.
+//! - `POST /restart` does not schedule restarts (`schedule` → 400) and takes `timeout` as the
+//!   bound of its wait; `DELETE /restart` therefore always answers 404.
 
 pub mod auth;
 pub mod client;
 pub mod control;
+mod dynconf;
 mod handlers;
 pub mod json;
+pub mod local;
 mod server;
 pub mod switchover;
 
@@ -91,7 +105,9 @@ use pgkeep_core::cluster::{ClusterView, Lsn};
 use pgkeep_core::health::{NodeHealth, PgRole, SyncMembership};
 
 pub use client::{ApiClient, ApiClientBuilder, ApiResponse};
-pub use control::{BoxFuture, Control, ControlError, LivePositions};
+pub use control::{
+    BoxFuture, Control, ControlError, LivePositions, LocalRequest, PendingChange, RequestOutcome,
+};
 pub use json::{MemberStatus, PatroniInfo, ReplicationInfo, Xlog};
 pub use server::{ApiError, BoundServer, serve};
 

@@ -29,7 +29,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Longest a client may take to send the body once the headers are in.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-const NO_CONTROL: &str = "this server cannot change the cluster";
+/// The answer of a server started without a [`Control`](super::control::Control) handle.
+pub(super) const NO_CONTROL: &str = "this server cannot change the cluster";
 const WRITE_FAILED: &str = "failed to write failover key into DCS";
 const CONFLICT: &str = "the failover key changed concurrently; try again";
 
@@ -40,7 +41,7 @@ fn status(code: u16) -> StatusCode {
 /// The body, bounded in size and time: 413 over [`MAX_BODY`] (announced by `Content-Length`
 /// or counted while reading), 408 when it does not arrive within ten seconds. A request without
 /// `Content-Length` and without a chunked body has an empty one.
-async fn read_body(req: Request) -> Result<Vec<u8>, Response> {
+pub(super) async fn read_body(req: Request) -> Result<Vec<u8>, Response> {
     let too_large = || error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     if let Some(len) = req.headers().get(CONTENT_LENGTH) {
         match len.to_str().ok().and_then(|l| l.trim().parse::<u64>().ok()) {
@@ -83,7 +84,8 @@ fn now_unix_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn principal(req: &Request) -> String {
+/// Who the caller is, for audit logs (never a credential).
+pub(super) fn principal(req: &Request) -> String {
     req.extensions()
         .get::<Identity>()
         .map_or_else(|| "unidentified".to_owned(), Identity::principal)

@@ -8,5 +8,6 @@ mod faults;
 mod harness;
 mod local;
 mod netbed;
+mod ops;
 mod pki;
 mod quickstart;

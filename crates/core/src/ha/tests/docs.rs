@@ -40,6 +40,7 @@ fn every_documented_rule_test_exists() {
         include_str!("race.rs"),
         include_str!("switchover.rs"),
         include_str!("rejoin.rs"),
+        include_str!("requests.rs"),
         include_str!("bootstrap.rs"),
         include_str!("sync.rs"),
         include_str!("slots.rs"),

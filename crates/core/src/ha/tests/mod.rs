@@ -5,6 +5,7 @@ mod docs;
 mod lease;
 mod race;
 mod rejoin;
+mod requests;
 mod slots;
 mod switchover;
 mod sync;

@@ -3,10 +3,12 @@
 //! and `authentication` are the fallbacks of `ctl.cacert` and `ctl.authentication`, as in
 //! Patroni); other top-level sections are ignored.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use pgkeep_core::policy::GucName;
 use secrecy::SecretString;
 use serde::Deserialize;
 
@@ -84,6 +86,13 @@ struct RestApiSection {
     authentication: Option<AuthSection>,
 }
 
+/// The part of a node's `pgkeep` section `ctl` uses (other keys ignored).
+#[derive(Debug, Default, Deserialize)]
+struct PgkeepSection {
+    #[serde(default)]
+    dynamic_parameter_allowlist: Vec<String>,
+}
+
 /// What `ctl` reads from its file.
 #[derive(Debug, Deserialize)]
 struct CtlFile {
@@ -95,6 +104,8 @@ struct CtlFile {
     ctl: Option<CtlSection>,
     #[serde(default)]
     restapi: Option<RestApiSection>,
+    #[serde(default)]
+    pgkeep: Option<PgkeepSection>,
 }
 
 /// How `ctl` reaches the agents' REST APIs. Secrets are read only when a client is built.
@@ -161,6 +172,10 @@ pub(super) struct Loaded {
     pub(super) etcd: EtcdSettings,
     /// The REST APIs.
     pub(super) rest: RestSettings,
+    /// `pgkeep.dynamic_parameter_allowlist` of a node's file (empty in `ctl.yml`): what
+    /// `edit-config` checks a change with before sending it (the leader checks again with its
+    /// own).
+    pub(super) allowlist: BTreeSet<GucName>,
 }
 
 /// Reads and checks the file.
@@ -198,6 +213,22 @@ pub(super) fn load(path: &Path) -> Result<Loaded> {
             path.display()
         );
     };
+    let mut allowlist = BTreeSet::new();
+    for (i, n) in f
+        .pgkeep
+        .unwrap_or_default()
+        .dynamic_parameter_allowlist
+        .iter()
+        .enumerate()
+    {
+        let name = GucName::parse(n).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: pgkeep.dynamic_parameter_allowlist[{i}]: {e}",
+                path.display()
+            )
+        })?;
+        allowlist.insert(name);
+    }
     let ctl = f.ctl.unwrap_or_default();
     let restapi = f.restapi.unwrap_or_default();
     let identity = match (ctl.certfile, ctl.keyfile) {
@@ -220,6 +251,7 @@ pub(super) fn load(path: &Path) -> Result<Loaded> {
             identity,
             auth: ctl.authentication.or(restapi.authentication),
         },
+        allowlist,
     })
 }
 

@@ -88,7 +88,7 @@ pub(super) fn api_base(view: &ClusterView, name: &str) -> Result<String> {
     Ok(format!("https://{authority}"))
 }
 
-fn now_unix_ms() -> i64 {
+pub(super) fn now_unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -173,7 +173,7 @@ pub(super) fn plan_failover(view: &ClusterView, candidate: &str, now_ms: i64) ->
 }
 
 /// Asks "Are you sure?" on the terminal; refuses without one.
-fn confirm(summary: &str, force: bool) -> Result<()> {
+pub(super) fn confirm(summary: &str, force: bool) -> Result<()> {
     if force {
         return Ok(());
     }
@@ -195,7 +195,7 @@ fn confirm(summary: &str, force: bool) -> Result<()> {
 }
 
 /// Prints the server's answer; an error for anything but 2xx.
-fn report(what: &str, resp: &ApiResponse) -> Result<()> {
+pub(super) fn report(what: &str, resp: &ApiResponse) -> Result<()> {
     let text = resp.text();
     let text = text.trim();
     if (200..300).contains(&resp.status) {

@@ -5,6 +5,14 @@
 //! pgkeep ctl (-c FILE | --dir D) switchover [--leader A] [--candidate B] [--scheduled T] [--force]
 //! pgkeep ctl (-c FILE | --dir D) failover --candidate B [--force]
 //! pgkeep ctl (-c FILE | --dir D) flush switchover
+//! pgkeep ctl (-c FILE | --dir D) pause [--wait] | resume [--wait]
+//! pgkeep ctl (-c FILE | --dir D) restart [MEMBER...] [--pending] [--force]
+//! pgkeep ctl (-c FILE | --dir D) reload [MEMBER...] [--force]
+//! pgkeep ctl (-c FILE | --dir D) reinit MEMBER... [--from-leader] [--wait] [--force]
+//! pgkeep ctl (-c FILE | --dir D) history [--format table|json]
+//! pgkeep ctl (-c FILE | --dir D) topology
+//! pgkeep ctl (-c FILE | --dir D) show-config
+//! pgkeep ctl (-c FILE | --dir D) edit-config [-s KEY=VALUE]... [-p NAME=VALUE]... [--apply FILE] [--replace FILE] [--force]
 //! ```
 //!
 //! The file is `D/ctl.yml` as `pgkeep up` writes it (`--dir D` means exactly that), or any
@@ -14,7 +22,11 @@
 //! (`running`, `streaming`, `stopped`, ...), timeline and lag in bytes behind the leader.
 //! `switchover`, `failover` and `flush switchover` go through the leader's REST API with the
 //! `ctl` section's CA, client certificate and basic auth (see [`manual`]); they exit non-zero
-//! when the server does not answer 2xx.
+//! when the server does not answer 2xx. So do `pause`, `resume`, `restart`, `reload` and
+//! `reinit` ([`ops`]) and `edit-config` ([`config`], which checks the change with the parameter
+//! policy before anything is sent). `history`, `topology` and `show-config` read etcd
+//! ([`views`], [`config`]). Like patronictl, pgkeep ctl never writes the DCS itself: every change
+//! goes through a member's REST API, its access check, validation and audit log.
 
 use std::path::PathBuf;
 
@@ -25,10 +37,15 @@ use serde::Serialize;
 
 use crate::dcs::{Dcs, EtcdDcs, EtcdSettings};
 
+pub mod config;
 pub mod file;
 pub mod manual;
+pub mod ops;
+pub mod views;
 
+pub use config::EditConfigArgs;
 pub use manual::{FailoverArgs, FlushArgs, FlushTarget, SwitchoverArgs};
+pub use ops::{PauseArgs, ReinitArgs, ReloadArgs, RestartArgs};
 
 /// `pgkeep ctl`.
 #[derive(Debug, Args)]
@@ -61,9 +78,27 @@ pub enum CtlCommand {
     Failover(FailoverArgs),
     /// Cancel a scheduled switchover.
     Flush(FlushArgs),
+    /// Put the cluster in maintenance mode: no automatic failover, start or stop.
+    Pause(PauseArgs),
+    /// Leave maintenance mode.
+    Resume(PauseArgs),
+    /// Restart PostgreSQL on members, one at a time, in a safe order.
+    Restart(RestartArgs),
+    /// Make members re-read their local configuration file (as SIGHUP does).
+    Reload(ReloadArgs),
+    /// Wipe replicas' data directories and clone them again.
+    Reinit(ReinitArgs),
+    /// Show the timeline history.
+    History(ListArgs),
+    /// Show the members as a tree of who streams from whom.
+    Topology,
+    /// Show the dynamic configuration (YAML).
+    ShowConfig,
+    /// Change the dynamic configuration (checked by the parameter policy before it is written).
+    EditConfig(EditConfigArgs),
 }
 
-/// `ctl list`.
+/// `ctl list` and `ctl history`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Output format.
@@ -264,6 +299,22 @@ pub fn run(args: CtlArgs) -> Result<()> {
             manual::plan_failover(view, &a.candidate, now)
         }),
         CtlCommand::Flush(a) => manual::run_flush(&rt, &loaded, &a),
+        CtlCommand::Pause(a) => ops::run_pause(&rt, &loaded, true, &a),
+        CtlCommand::Resume(a) => ops::run_pause(&rt, &loaded, false, &a),
+        CtlCommand::Restart(a) => ops::run_restart(&rt, &loaded, &a),
+        CtlCommand::Reload(a) => ops::run_reload(&rt, &loaded, &a),
+        CtlCommand::Reinit(a) => ops::run_reinit(&rt, &loaded, &a),
+        CtlCommand::History(h) => {
+            let view = read_view(&rt, &loaded.etcd)?;
+            print_out(&views::history(&view, h.format)?)
+        }
+        CtlCommand::Topology => {
+            let view = read_view(&rt, &loaded.etcd)?;
+            let rows = views::topology_rows(&view, &rows(&view));
+            print_out(&table(&loaded.etcd.scope, &view, &rows))
+        }
+        CtlCommand::ShowConfig => config::run_show(&rt, &loaded),
+        CtlCommand::EditConfig(a) => config::run_edit(&rt, &loaded, &a),
     }
 }
 

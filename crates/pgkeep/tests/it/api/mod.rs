@@ -2,7 +2,8 @@
 //! codes from published snapshots, anonymous answers that describe nothing, the access check of
 //! protected endpoints (basic auth, client-certificate names, source allowlist), refused
 //! plaintext and untrusted clients, malformed requests, keep-alive, and the state-changing
-//! switchover/failover endpoints against a fake DCS handle.
+//! switchover/failover, configuration, restart, reinitialize and reload endpoints against fake
+//! control handles.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -276,4 +277,5 @@ fn error_of(resp: &api::ApiResponse) -> String {
 
 mod access;
 mod health;
+mod ops;
 mod switchover;
