@@ -3,7 +3,8 @@
 //!
 //! These need root (namespaces, nftables, cgroups) and run one at a time (nextest test group
 //! `real-cluster`). The traffic is a tiny Python TCP server and client (Debian's
-//! `/usr/bin/python3`), run as the unprivileged `postgres` user inside the hosts.
+//! `/usr/bin/python3`), run as the unprivileged `postgres` user inside the hosts; a Python loop
+//! that resolves names shows that the bed's names stay pinned in a long-running process.
 
 use std::fs;
 use std::io::Read;
@@ -56,6 +57,22 @@ except ConnectionRefusedError:
     print("REFUSED")
 except OSError as e:
     print("ERROR %s" % e)
+"#;
+
+/// Resolves every name in `argv[1:]` every 100 ms, forever, and prints one line per round:
+/// `<round> <addr-or-ERROR>,<addr-or-ERROR>...`.
+const RESOLVER: &str = r#"import socket, sys, time
+n = 0
+while True:
+    out = []
+    for name in sys.argv[1:]:
+        try:
+            out.append(socket.gethostbyname(name))
+        except OSError:
+            out.append("ERROR")
+    print(n, ",".join(out), flush=True)
+    n += 1
+    time.sleep(0.1)
 "#;
 
 /// What a client saw.
@@ -449,6 +466,129 @@ fn partition_cuts_only_between_groups() -> Result<()> {
     ensure!(
         bed.partition(&["a"], &["x"]).is_err(),
         "unknown host accepted"
+    );
+    Ok(())
+}
+
+/// The rounds the resolver in `svc` has printed so far: `(round, answers)`.
+fn resolver_rounds(svc: &Service) -> Result<Vec<(u64, String)>> {
+    let text = fs::read_to_string(svc.log_path())
+        .with_context(|| format!("reading {}", svc.log_path().display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (n, answers) = l.split_once(' ')?;
+            Some((n.parse().ok()?, answers.to_string()))
+        })
+        .collect())
+}
+
+/// Waits (at most 20 s) until the resolver in `svc` has printed at least `n` rounds.
+fn wait_resolver_rounds(svc: &Service, n: usize) -> Result<Vec<(u64, String)>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rounds = resolver_rounds(svc)?;
+        if rounds.len() >= n {
+            return Ok(rounds);
+        }
+        ensure!(svc.is_running(), "resolver exited: {}", svc.log_tail(20));
+        ensure!(
+            Instant::now() < deadline,
+            "resolver printed {} of {n} rounds: {}",
+            rounds.len(),
+            svc.log_tail(20)
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// Replaces the root namespace's `/etc/hosts` by rename with an identical copy, under the lock
+/// every editor of the file takes (as the harness's environments and `pgkeep up` do whenever
+/// they add or drop a block). Fails if the file was not actually replaced (a bind-mounted
+/// `/etc/hosts` is rewritten in place, which would prove nothing).
+fn replace_root_hosts_by_rename() -> Result<()> {
+    use pgkeep::local::hosts::{HOSTS_FILE, lock, read_hosts, write_hosts};
+    let _lock = lock()?;
+    let before = fs::metadata(HOSTS_FILE)?.ino();
+    let content = read_hosts()?;
+    write_hosts(&content)?;
+    let after = fs::metadata(HOSTS_FILE)?.ino();
+    ensure!(
+        before != after,
+        "{HOSTS_FILE} was rewritten in place (inode {before}), not replaced by rename"
+    );
+    ensure!(read_hosts()? == content, "{HOSTS_FILE} changed");
+    Ok(())
+}
+
+#[test]
+fn long_running_process_keeps_the_bed_names_when_etc_hosts_is_replaced() -> Result<()> {
+    let env = Env::new("netbed-pin")?;
+    let bed = NetBed::new(&env, &["a", "b"])?;
+    let b_name = bed.dns_name("b");
+    let want = format!("{b},{b}", b = bed.addr("b"));
+    let svc = bed.spawn(
+        "a",
+        &format!("resolver-{}", bed.id()),
+        &user()?,
+        &env.tmp_dir(),
+        PYTHON,
+        &[
+            "-c".as_ref(),
+            RESOLVER.as_ref(),
+            b_name.as_ref(),
+            "b".as_ref(),
+        ],
+        &[],
+    )?;
+    let pid = svc.pid();
+
+    // Positive control: the process resolves the bed's names before anything happens.
+    let rounds = wait_resolver_rounds(&svc, 1)?;
+    ensure!(
+        rounds.iter().all(|(_, got)| *got == want),
+        "before the rename, a resolved {b_name} and b to {rounds:?}, expected {want}"
+    );
+
+    replace_root_hosts_by_rename()?;
+
+    // A round printed after the rename may have resolved before it; the ones after that did
+    // not. Each must still see the bed's names.
+    let seen = resolver_rounds(&svc)?.len();
+    let rounds = wait_resolver_rounds(&svc, seen + 5)?;
+    let after: Vec<&(u64, String)> = rounds[seen + 1..].iter().collect();
+    ensure!(
+        after.iter().all(|(_, got)| *got == want),
+        "after /etc/hosts was replaced, the long-running process in a resolved {b_name} and b \
+         to {after:?}, expected {want}"
+    );
+    // Still the same process, the program itself.
+    ensure!(svc.is_running() && svc.pid() == pid, "resolver restarted");
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))?;
+    ensure!(comm.trim().starts_with("python3"), "pid {pid} is {comm:?}");
+
+    // The root namespace still does not know the bed's names, and a new process in the bed
+    // does.
+    ensure!(
+        !fs::read_to_string("/etc/hosts")?.contains(bed.id()),
+        "/etc/hosts mentions {}",
+        bed.id()
+    );
+    let out = bed
+        .run(
+            "b",
+            &user()?,
+            &env.tmp_dir(),
+            "getent",
+            &["hosts".as_ref(), b_name.as_ref()],
+            &[],
+            Duration::from_secs(10),
+        )?
+        .ensure_success(&format!("getent hosts {b_name} in b"))?;
+    ensure!(
+        out.stdout.split_whitespace().next() == Some(bed.addr("b").to_string().as_str()),
+        "{b_name} resolves to {:?} in b",
+        out.stdout
     );
     Ok(())
 }

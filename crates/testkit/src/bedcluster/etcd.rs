@@ -56,12 +56,12 @@ impl Member {
 
 /// A running etcd 3.4 cluster inside a [`NetBed`]: member `i` runs as the `etcd` user in host
 /// `hosts[i]`'s network namespace (started through [`NetBed::spawn`], so it is in the
-/// environment's cgroup, with the bed's names pinned: see the `pin` module), listens for clients and peers on the host's bed address (ports 2379
-/// and 2380) and advertises the host's bed DNS name. TLS everywhere with client certificates
-/// (clients and peers); a member's certificate names the host's DNS name and bed address, and
-/// unlike the loopback [`crate::EtcdCluster`] peers' client certificates are checked against
-/// their source address (each host has its own). Same raft timings as the loopback clusters
-/// (heartbeat 50 ms, election 500 ms, pre-vote).
+/// environment's cgroup, with the bed's names pinned), listens for clients and peers on the
+/// host's bed address (ports 2379 and 2380) and advertises the host's bed DNS name. TLS
+/// everywhere with client certificates (clients and peers); a member's certificate names the
+/// host's DNS name and bed address, and unlike the loopback [`crate::EtcdCluster`] peers' client
+/// certificates are checked against their source address (each host has its own). Same raft
+/// timings as the loopback clusters (heartbeat 50 ms, election 500 ms, pre-vote).
 ///
 /// `etcdctl` runs in one host of the bed, the "control host" (normally a client host that no
 /// fault cuts off), as root.
@@ -201,8 +201,7 @@ impl<'b> BedEtcdCluster<'b> {
         .map(OsString::from)
         .collect();
         let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
-        let svc = super::pin::spawn(
-            self.bed,
+        let svc = self.bed.spawn(
             &m.host,
             &m.node.name,
             &m.node.user,
@@ -300,8 +299,7 @@ impl<'b> BedEtcdCluster<'b> {
         all.extend(args.iter().map(OsString::from));
         let refs: Vec<&OsStr> = all.iter().map(OsString::as_os_str).collect();
         let env = self.bed.env();
-        super::pin::run(
-            self.bed,
+        self.bed.run(
             &self.ctl_host,
             &ServiceUser::root(),
             env.root(),

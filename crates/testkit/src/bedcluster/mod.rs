@@ -7,12 +7,10 @@
 //! known by the host's bed DNS name (`<host>.<bed-id>.pgkeep.test`, resolved inside the bed
 //! through `/etc/netns/<ns>/hosts`). Certificates name those DNS names and addresses. Processes
 //! start through [`NetBed::spawn`] and [`NetBed::run`]: they join the environment's cgroup,
-//! enter the host's namespace and drop to their service user. On the way, a read-only overlay
-//! on `/etc` pins the bed's `hosts` file for the process's whole life: the file bind mount of
-//! `ip netns exec` alone is detached as soon as anything replaces the root namespace's
-//! `/etc/hosts` by rename (as every other test's environment does), after which the bed's names
-//! no longer resolve (module `pin`). Hosts of the bed that run nothing (e.g. a `client` host
-//! for the test's own connections) stay free for the test.
+//! enter the host's namespace, get the bed's `/etc` files pinned for their whole life (so the
+//! names keep resolving whatever happens to the root namespace's `/etc/hosts`; see
+//! [`NetBed::command`]) and drop to their service user. Hosts of the bed that run nothing (e.g.
+//! a `client` host for the test's own connections) stay free for the test.
 //!
 //! Each host has its own network stack, so ports are fixed rather than allocated: etcd 2379 and
 //! 2380, REST API 8008, and PostgreSQL `5433 + i` for the `i`-th agent (distinct, so that a
@@ -21,7 +19,6 @@
 //! Both types borrow the bed: declare the bed first, so it is dropped (torn down) last.
 
 mod etcd;
-mod pin;
 
 pub use etcd::BedEtcdCluster;
 
@@ -180,8 +177,7 @@ impl<'b> BedAgentCluster<'b> {
     pub fn start(&mut self, i: usize) -> Result<()> {
         let a = &self.agents[i];
         let args = [OsStr::new("agent"), "-c".as_ref(), a.config.as_os_str()];
-        let svc = pin::spawn(
-            self.bed,
+        let svc = self.bed.spawn(
             &self.hosts[i],
             &format!("{}-agent", a.node.name),
             &a.node.user,
@@ -217,8 +213,7 @@ impl<'b> BedAgentCluster<'b> {
             sql.as_ref(),
         ];
         let psql = Path::new(crate::PG_BIN_DIR).join("psql");
-        pin::run(
-            self.bed,
+        self.bed.run(
             &self.hosts[i],
             &a.node.user,
             &a.node.dir,

@@ -10,26 +10,32 @@
 //! - a port on a Linux bridge `br0` in the bed's switch namespace `...b<n>.sw` (`lo` up too);
 //! - the DNS names `<host>.<bed-id>.pgkeep.test` and `<host>` for every host of the bed, through
 //!   `/etc/netns/<ns>/hosts`, which `ip netns exec` bind-mounts over `/etc/hosts` (and an empty
-//!   `resolv.conf`, so no lookup leaves the bed).
+//!   `resolv.conf`, so no lookup leaves the bed), and through the same files pinned under a
+//!   read-only overlay on `/etc` for the whole life of every process the bed starts (module
+//!   `pin`: the file bind mount alone is detached as soon as anything replaces the root
+//!   namespace's `/etc/hosts` by rename, as the harness's environments and `pgkeep up` do).
 //!
 //! Processes start with [`NetBed::command`], [`NetBed::spawn`] and [`NetBed::run`], which mirror
 //! [`Env`]'s: the process joins the environment's cgroup (as root, while `/sys/fs/cgroup` is
-//! still visible), then `ip netns exec <ns>` enters the namespace, then `setpriv` drops to the
-//! service user, then the program runs. Each step `exec`s, so the pid std reports is the
-//! program's own. Inside, `/sys` is the namespace's sysfs (`ip netns exec` remounts it), so the
-//! cgroup tree is not visible to the program.
+//! still visible), then `ip netns exec <ns>` enters the namespace, then (still as root) the
+//! host's `/etc` files are pinned, then `setpriv` drops to the service user, then the program
+//! runs. Each step `exec`s, so the pid std reports is the program's own. Inside, `/sys` is the
+//! namespace's sysfs (`ip netns exec` remounts it), so the cgroup tree is not visible to the
+//! program, and `/etc` is read-only.
 //!
 //! Faults are nftables rules in the switch namespace's bridge (table `bridge pgkeep_bed`): every
 //! frame but ARP between two cut ports is dropped. The hosts' own namespaces stay untouched, a
 //! TCP peer sees no RST and no ICMP error, and established connections go silent as well.
 //!
 //! Teardown (explicit or on drop) kills the environment's processes that run in the bed's
-//! namespaces, deletes the namespaces (which removes the veth pairs and the bridge) and the
-//! `/etc/netns/<ns>` directories. The bed holds a handle to its [`Env`], so the environment (and
-//! its cgroup) outlives the bed. A killed test process leaves both behind; [`crate::sweep()`]
-//! removes them, deciding by the env id in the namespace names whether the owner is dead.
+//! namespaces, deletes the namespaces (which removes the veth pairs and the bridge), the
+//! `/etc/netns/<ns>` directories and the pinned copies in the environment's root. The bed holds
+//! a handle to its [`Env`], so the environment (and its cgroup) outlives the bed. A killed test
+//! process leaves both behind; [`crate::sweep()`] removes them, deciding by the env id in the
+//! namespace names whether the owner is dead (the pinned copies go with the environment's root).
 
 mod names;
+mod pin;
 mod sys;
 
 use std::collections::BTreeSet;
@@ -79,6 +85,8 @@ struct State {
     namespaces: Vec<String>,
     /// Namespaces whose `/etc/netns/<ns>` directory was created.
     etc_dirs: Vec<String>,
+    /// Whether the pinned copies (`<env root>/bed-etc/<bed-id>`) may exist.
+    pinned: bool,
     /// Cut host pairs `(i, j)`, `i < j`, as indexes into the hosts.
     cuts: BTreeSet<(usize, usize)>,
 }
@@ -172,7 +180,13 @@ impl NetBed {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes `/etc/netns/<ns>/hosts` (and an empty `resolv.conf`) for every host.
+    /// `<env root>/bed-etc/<bed-id>`: the pinned `/etc` files of the bed's hosts.
+    fn pinned_dir(&self) -> PathBuf {
+        pin::bed_dir(self.env.root(), &self.id)
+    }
+
+    /// Writes `/etc/netns/<ns>/hosts` (and an empty `resolv.conf`) for every host, and the same
+    /// files to the host's pinned directory (module `pin`).
     fn write_etc_files(&self) -> Result<()> {
         let mut hosts = format!(
             "# pgkeep test bed {} (written by pgkeep-testkit, removed with the bed)\n\
@@ -184,17 +198,19 @@ impl NetBed {
             let _ = writeln!(hosts, "{} {} {}", h.addr, h.dns_name, h.name);
         }
         // Bind-mounting a file over a missing /etc/resolv.conf would fail (noisily).
-        let resolv = Path::new("/etc/resolv.conf").exists();
+        let resolv = Path::new("/etc/resolv.conf")
+            .exists()
+            .then_some("# pgkeep test bed: no name servers; names come from /etc/hosts\n");
+        let pinned = self.pinned_dir();
         for h in &self.hosts {
             self.state().etc_dirs.push(h.ns.clone());
             let dir = sys::create_etc_dir(&h.ns)?;
             sys::write_public(&dir.join("hosts"), &hosts)?;
-            if resolv {
-                sys::write_public(
-                    &dir.join("resolv.conf"),
-                    "# pgkeep test bed: no name servers; names come from /etc/hosts\n",
-                )?;
+            if let Some(resolv) = resolv {
+                sys::write_public(&dir.join("resolv.conf"), resolv)?;
             }
+            self.state().pinned = true;
+            pin::write_host(&pinned, &h.name, &hosts, resolv)?;
         }
         Ok(())
     }
@@ -340,8 +356,10 @@ impl NetBed {
 
     /// A command that runs `program args` in `host`'s namespace as `user`, inside the
     /// environment's cgroup, like [`Env::command`] (cleared environment with HOME=`home`, USER,
-    /// LOGNAME, PATH, LANG and `envs`; `home` is the working directory). Never put secrets in
-    /// `args` or `envs`. Panics if the bed has no such host.
+    /// LOGNAME, PATH, LANG and `envs`; `home` is the working directory), with the bed's names
+    /// pinned for the process's whole life (`/etc` is a read-only overlay with the bed's `hosts`
+    /// and `resolv.conf` on top; see the module docs). Never put secrets in `args` or `envs`.
+    /// Panics if the bed has no such host.
     pub fn command(
         &self,
         host: &str,
@@ -352,19 +370,21 @@ impl NetBed {
         envs: &[(&str, &OsStr)],
     ) -> Command {
         let h = self.host(host);
-        let reuid = format!("--reuid={}", user.uid);
-        let regid = format!("--regid={}", user.gid);
-        let mut inner: Vec<&OsStr> = vec!["netns".as_ref(), "exec".as_ref(), h.ns.as_ref()];
-        if user.uid != 0 {
-            inner.extend::<[&OsStr; 6]>([
-                sys::SETPRIV_BIN.as_ref(),
-                reuid.as_ref(),
-                regid.as_ref(),
-                "--init-groups".as_ref(),
-                "--no-new-privs".as_ref(),
-                "--".as_ref(),
-            ]);
-        }
+        let pinned = self.pinned_dir().join(&h.name);
+        let uid = user.uid.to_string();
+        let gid = user.gid.to_string();
+        let mut inner: Vec<&OsStr> = vec![
+            "netns".as_ref(),
+            "exec".as_ref(),
+            h.ns.as_ref(),
+            sys::SH_BIN.as_ref(),
+            "-c".as_ref(),
+            pin::PIN_SCRIPT.as_ref(),
+            pin::PIN_ARG0.as_ref(),
+            pinned.as_os_str(),
+            uid.as_ref(),
+            gid.as_ref(),
+        ];
         inner.push(program.as_ref());
         inner.extend_from_slice(args);
         let mut all_envs: Vec<(&str, &OsStr)> = vec![
@@ -373,7 +393,7 @@ impl NetBed {
         ];
         all_envs.extend_from_slice(envs);
         // The spawn script joins the cgroup as root and execs `ip netns exec`, which needs root;
-        // the switch to `user` happens inside the namespace (setpriv above).
+        // the pin script (mounting needs root too) then switches to `user` inside the namespace.
         service::command(
             self.env.cgroup_path(),
             &ServiceUser::root(),
@@ -486,8 +506,8 @@ impl NetBed {
 
     /// Tears the bed down now instead of at drop, reporting errors: kills the environment's
     /// processes that run in the bed's namespaces, deletes the namespaces (with their
-    /// interfaces) and the `/etc/netns/<ns>` directories. Later calls and the drop do nothing.
-    /// The environment itself is left alone.
+    /// interfaces), the `/etc/netns/<ns>` directories and the pinned copies of their files.
+    /// Later calls and the drop do nothing. The environment itself is left alone.
     pub fn teardown(&self) -> Result<()> {
         let mut st = self.state();
         let mut errors = Vec::new();
@@ -511,6 +531,11 @@ impl NetBed {
             }
         }
         sys::remove_etc_netns_if_empty();
+        if std::mem::take(&mut st.pinned)
+            && let Err(e) = pin::remove_bed(&self.pinned_dir())
+        {
+            errors.push(format!("{e:#}"));
+        }
         st.cuts.clear();
         if errors.is_empty() {
             Ok(())

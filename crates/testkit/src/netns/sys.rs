@@ -23,8 +23,8 @@ pub(super) const IP_BIN: &str = "/usr/sbin/ip";
 /// nftables' `nft`.
 pub(super) const NFT_BIN: &str = "/usr/sbin/nft";
 
-/// util-linux's `setpriv` (the same program the harness's spawn script uses).
-pub(super) const SETPRIV_BIN: &str = "/usr/bin/setpriv";
+/// The shell that runs the pin script (module `pin`).
+pub(super) const SH_BIN: &str = "/bin/sh";
 
 /// Where `ip netns` keeps its named namespaces (one bind-mounted file each).
 pub(super) const NETNS_RUN_DIR: &str = "/run/netns";
