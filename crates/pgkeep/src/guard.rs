@@ -230,18 +230,26 @@ pub fn run(args: &GuardArgs) -> Result<()> {
                 let GuardState::Armed { deadline_ms, owner } = state else {
                     unreachable!("step fences only when armed")
                 };
-                fenced_for = Some(deadline_ms);
                 let late = boottime_ms().saturating_sub(deadline_ms);
                 match fence_blocking(&instance, FenceGrace::default()) {
-                    Ok(FenceOutcome::NotRunning) => {}
-                    Ok(outcome) => tracing::error!(
-                        agent = owner,
-                        agent_alive = owner_alive,
-                        late_ms = late,
-                        ?outcome,
-                        "fence guard: the agent did not renew the lease before its deadline; \
-                         PostgreSQL stopped"
-                    ),
+                    // Nothing to stop yet: look again, a postmaster may be starting.
+                    Ok(FenceOutcome::NotRunning) => {
+                        std::thread::sleep(Duration::from_millis(POLL_MS));
+                        if !owner_alive {
+                            fenced_for = Some(deadline_ms);
+                        }
+                    }
+                    Ok(outcome) => {
+                        fenced_for = Some(deadline_ms);
+                        tracing::error!(
+                            agent = owner,
+                            agent_alive = owner_alive,
+                            late_ms = late,
+                            ?outcome,
+                            "fence guard: the agent did not renew the lease before its deadline; \
+                             PostgreSQL stopped"
+                        );
+                    }
                     Err(e) => tracing::error!(error = %e, "fence guard: fencing failed"),
                 }
             }
@@ -267,6 +275,29 @@ impl GuardHandle {
             child: None,
             last: None,
         }
+    }
+
+    /// At agent start: a state file left armed with a deadline that has passed means the last
+    /// agent died holding a lease that is gone. Whatever PostgreSQL runs from that time may not
+    /// commit: fence it now, then disarm, so neither a new guard nor the old one acts on the
+    /// stale line later (for example against a replica this agent is about to start). A
+    /// deadline still ahead is left to the guard that holds it.
+    pub fn settle_stale(&mut self, instance: &Instance) {
+        let Some(GuardState::Armed { deadline_ms, .. }) = read_state(&self.args.state) else {
+            return;
+        };
+        if boottime_ms() < deadline_ms {
+            return;
+        }
+        match fence_blocking(instance, FenceGrace::default()) {
+            Ok(FenceOutcome::NotRunning) => {}
+            Ok(outcome) => tracing::warn!(
+                ?outcome,
+                "the previous agent's lease deadline passed while PostgreSQL ran; stopped it"
+            ),
+            Err(e) => tracing::error!(error = %e, "fencing after the previous agent failed"),
+        }
+        self.disarm();
     }
 
     /// Starts the guard if it is not running (first call, or it died). Errors are returned for

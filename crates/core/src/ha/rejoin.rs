@@ -175,9 +175,11 @@ fn diverged_reason(cx: &Ctx<'_>, switch_point: Option<Lsn>) -> Reason {
 /// Rewind from the leader when `use_pg_rewind` is on and no rewind failed; re-clone otherwise.
 /// Both need the leader to run as primary.
 fn rewind_or_reclone(cx: &Ctx<'_>, leader: &str, switch_point: Option<Lsn>) -> Plan {
-    let leader_ready = cx
-        .member(leader)
-        .is_some_and(|m| m.state == "running" && m.role == "primary");
+    // A leader that just promoted must first checkpoint: pg_rewind takes the source's timeline
+    // from its control file and would otherwise find "nothing to rewind".
+    let leader_ready = cx.member(leader).is_some_and(|m| {
+        m.state == "running" && m.role == "primary" && m.checkpoint_after_promote != Some(false)
+    });
     if !leader_ready {
         return Plan::new(MemberState::Rewinding, diverged_reason(cx, switch_point));
     }

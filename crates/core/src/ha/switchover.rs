@@ -183,16 +183,20 @@ pub(crate) fn continue_handover(cx: &mut Ctx<'_>) -> Plan {
                 .cloned()
                 .collect(),
         };
+        // The stopped primary's position is the start of its shutdown checkpoint record; a
+        // candidate that has it has received past it. A stop that was not clean has no such
+        // record to wait for: no confirmation, the hand-over times out and the leader stays.
         let confirmed = h.confirmed
-            || cx.obs.peers.as_ref().is_some_and(|r| {
-                r.answers.iter().any(|(n, st)| {
-                    candidates.contains(n)
-                        && st.running
-                        && !st.primary
-                        && st.wal_position >= pg.wal_position
-                        && !st.tags.nofailover
-                })
-            });
+            || (!pg.crashed
+                && cx.obs.peers.as_ref().is_some_and(|r| {
+                    r.answers.iter().any(|(n, st)| {
+                        candidates.contains(n)
+                            && st.running
+                            && !st.primary
+                            && st.wal_position > pg.wal_position
+                            && !st.tags.nofailover
+                    })
+                }));
         if confirmed && let Some(h) = cx.mem.handover.as_mut() {
             // Remember it: the decision that releases may be dropped by a busy shell.
             h.confirmed = true;

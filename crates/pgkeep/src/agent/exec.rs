@@ -14,8 +14,8 @@ use pgkeep_core::pgconf::conninfo_quote;
 use super::render::{self, StandbyOf};
 use super::{Busy, Shell};
 use crate::dcs::{Cas, Dcs, Expect};
+use crate::postgres::StopMode;
 use crate::postgres::fence::{FenceGrace, fence_blocking};
-use crate::postgres::{Instance, StopMode};
 
 /// What an action did to the decision loop.
 pub(super) enum Outcome {
@@ -69,12 +69,14 @@ impl Shell {
                 if rev.is_none() {
                     return Ok(Outcome::Replan);
                 }
+                self.renewed = true;
                 tracing::info!("acquired the leader key");
             }
             Action::RenewLeaderKey => {
                 let reply = self.keepalive().await?;
                 match self.dcs.renew_leader(&me, self.lease.id).await? {
                     Some(revision) => {
+                        self.renewed = true;
                         self.leader_lease = Some(LeaderLease {
                             sent_at: self.millis(reply.sent_at),
                             granted_ttl: Millis::from_secs(
@@ -139,7 +141,14 @@ impl Shell {
                 };
                 self.stop_pg(mode).await?;
             }
-            Action::Start { role } => self.start_pg(role).await?,
+            Action::Start { role } => {
+                if matches!(role, StartRole::Replica { .. }) && self.crashed_primary() {
+                    self.crash_recovery().await?;
+                    // Decide again on the true end of the local WAL.
+                    return Ok(Outcome::Replan);
+                }
+                self.start_pg(role).await?
+            }
             Action::Restart => {
                 let role = if self.last_sql().is_some_and(|s| !s.in_recovery) {
                     StartRole::Primary
@@ -276,6 +285,47 @@ impl Shell {
         let timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout);
         self.instance.stop(mode, timeout).await?;
         self.pg_client = None;
+        Ok(())
+    }
+
+    /// The data directory is a primary's that stopped without a shutdown checkpoint. A fresh
+    /// base backup (or a rewound directory) also says "in production" in its control file, but
+    /// carries a `backup_label` that makes PostgreSQL recover from the backup's start: those
+    /// are not crashed primaries.
+    fn crashed_primary(&self) -> bool {
+        self.controldata
+            .as_ref()
+            .is_some_and(|cd| cd.state == crate::postgres::ClusterState::InProduction)
+            && !self.layout.data_dir.join("backup_label").exists()
+            && self.instance.running_postmaster().ok().flatten().is_none()
+    }
+
+    /// Crash recovery in single-user mode, ending with a shutdown checkpoint. A crashed former
+    /// primary must not start as a standby before the end of its WAL is known: standby
+    /// recovery would first replay its local WAL, including records past the new timeline's
+    /// switch point (for example a commit the new primary never received), and pg_rewind,
+    /// which only looks at the control file, could then find nothing to rewind. After this the
+    /// last checkpoint is at the end of the local WAL, so the divergence check and pg_rewind see
+    /// every local record.
+    async fn crash_recovery(&mut self) -> Result<()> {
+        tracing::info!("crash recovery in single-user mode before starting as a standby");
+        render::set_standby_signal(&self.layout, false)?;
+        self.render(false)?;
+        let args: Vec<OsString> = vec![
+            "--single".into(),
+            "-D".into(),
+            self.layout.config_dir.clone().into(),
+            // Nothing may leave this node while its history is unknown.
+            "-c".into(),
+            "archive_mode=off".into(),
+            "postgres".into(),
+        ];
+        self.instance
+            .runner
+            .run("postgres", &args, &[], Duration::from_secs(3600))
+            .await
+            .context("single-user crash recovery")?;
+        tracing::info!("crash recovery finished");
         Ok(())
     }
 
@@ -416,13 +466,19 @@ impl Shell {
         let initdb_marker = self.layout.config_dir.join(super::observe::INITDB_MARKER);
         tracing::info!(%source, wipe, "cloning with pg_basebackup");
         self.spawn_busy(LongOperation::Clone, async move {
+            // Replacing a data directory: clone beside it and swap only once the clone is
+            // complete, so a source that dies mid-way (or was never reachable) costs nothing.
+            let target = if wipe {
+                side_dir(&instance.data_dir, "clone")
+            } else {
+                instance.data_dir.clone()
+            };
             if wipe {
-                wipe_data_dir(&instance)?;
-                let _ = std::fs::remove_file(initdb_marker);
+                remove_dir_if_exists(&target)?;
             }
             let args: Vec<OsString> = vec![
                 "-D".into(),
-                instance.data_dir.clone().into(),
+                target.clone().into(),
                 "-X".into(),
                 "stream".into(),
                 "-c".into(),
@@ -431,10 +487,20 @@ impl Shell {
                 "-d".into(),
                 conninfo.into(),
             ];
-            instance
+            if let Err(e) = instance
                 .runner
                 .run("pg_basebackup", &args, &[], Duration::from_secs(3600))
-                .await?;
+                .await
+            {
+                if wipe {
+                    let _ = remove_dir_if_exists(&target);
+                }
+                return Err(e.into());
+            }
+            if wipe {
+                swap_in(&instance.data_dir, &target)?;
+                let _ = std::fs::remove_file(initdb_marker);
+            }
             Ok(())
         });
         Ok(())
@@ -450,10 +516,18 @@ impl Shell {
                 format!("--source-server={conninfo}").into(),
                 "--no-sync".into(),
             ];
-            instance
+            let out = instance
                 .runner
                 .run("pg_rewind", &args, &[], Duration::from_secs(3600))
                 .await?;
+            // pg_rewind judges by the control file alone; the core judged by the end of the WAL
+            // and found it past the switch point. Trusting "nothing to do" would start a standby
+            // holding records the new primary never had, so it counts as a failed rewind.
+            if format!("{}{}", out.stdout, out.stderr).contains("no rewind required") {
+                anyhow::bail!(
+                    "pg_rewind found nothing to rewind although the local WAL passed the switch point"
+                );
+            }
             Ok(())
         });
         Ok(())
@@ -533,24 +607,42 @@ impl Shell {
     }
 }
 
-fn wipe_data_dir(instance: &Instance) -> Result<()> {
-    let dir = &instance.data_dir;
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            for e in entries {
-                let p = e?.path();
-                if p.is_dir() && !p.is_symlink() {
-                    std::fs::remove_dir_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                }
-                .with_context(|| format!("removing {}", p.display()))?;
-            }
-            Ok(())
-        }
+/// `<data_dir>.pgkeep-<what>`, beside the data directory.
+fn side_dir(data_dir: &std::path::Path, what: &str) -> std::path::PathBuf {
+    let mut name = data_dir.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".pgkeep-{what}"));
+    data_dir.with_file_name(name)
+}
+
+fn remove_dir_if_exists(dir: &std::path::Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
     }
+}
+
+/// Puts the complete clone `fresh` in place of `data_dir` (two renames in the same parent
+/// directory), then removes the old data.
+fn swap_in(data_dir: &std::path::Path, fresh: &std::path::Path) -> Result<()> {
+    let old = side_dir(data_dir, "old");
+    remove_dir_if_exists(&old)?;
+    match std::fs::rename(data_dir, &old) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "moving {} aside (the data directory must be renameable; the clone stays in {})",
+                    data_dir.display(),
+                    fresh.display()
+                )
+            });
+        }
+    }
+    std::fs::rename(fresh, data_dir)
+        .with_context(|| format!("moving {} to {}", fresh.display(), data_dir.display()))?;
+    remove_dir_if_exists(&old)
 }
 
 fn action_name(a: &Action) -> &'static str {

@@ -81,6 +81,10 @@ struct Shell {
     watchdog: watchdog::Watchdog,
     /// Operator requests from the REST API (restart, reinitialize, reload).
     ops: ops::Ops,
+    /// The leader key was acquired or renewed since the watchdog was last patted.
+    renewed: bool,
+    /// Set when this node promoted: whether the checkpoint after the promotion is done.
+    promote_checkpoint: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Shell {
@@ -115,6 +119,22 @@ impl Shell {
         }
         self.lease_revoked = false;
         Ok(reply)
+    }
+
+    /// A new `ttl` needs a lease granted with it (etcd cannot change a lease's TTL). The keys
+    /// move to the new lease with their next write (the leader key at the next renewal, within
+    /// this cycle); the old lease is no longer kept alive and expires with nothing attached.
+    async fn regrant_lease(&mut self) {
+        match self.dcs.grant_lease(ttl_secs(&self.ha)).await {
+            Ok(lease) => {
+                tracing::info!(ttl = ttl_secs(&self.ha), "ttl changed: new lease granted");
+                self.lease = lease;
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "ttl changed but no new lease could be granted; keeping the old one"
+            ),
+        }
     }
 
     /// Re-reads the dynamic configuration when its revision changed. A refused configuration
@@ -182,7 +202,12 @@ impl Shell {
             );
         }
         match cmd {
-            ha::WatchdogCmd::Arm { .. } => self.watchdog.keepalive(self.ha.ttl.0 / 1000),
+            // Patted only after a renewal that succeeded: a leader that cannot renew must let
+            // its device fire.
+            ha::WatchdogCmd::Arm { .. } if std::mem::take(&mut self.renewed) => {
+                self.watchdog.keepalive(self.ha.ttl.0 / 1000)
+            }
+            ha::WatchdogCmd::Arm { .. } => {}
             ha::WatchdogCmd::Disarm => self.watchdog.disarm(),
             ha::WatchdogCmd::Hold => {}
         }
@@ -204,7 +229,20 @@ impl Shell {
     async fn cycle(&mut self) -> Millis {
         self.reap_busy().await;
         self.expire_requests();
+        let ttl_before = self.ha.ttl;
         self.refresh_dynamic();
+        if self.ha.ttl != ttl_before {
+            self.regrant_lease().await;
+        }
+        // A proof whose deadline passed proves nothing: drop it, so the core fences (if
+        // PostgreSQL may still commit) and this cycle keeps the lease alive again. Otherwise
+        // every DCS action would get a zero budget and the node could never recover.
+        if let Some(l) = self.leader_lease
+            && self.now() >= self.ha.lease_deadline(l.sent_at, l.granted_ttl)
+        {
+            tracing::warn!("the lease deadline passed without a renewal");
+            self.leader_lease = None;
+        }
         if self.leader_lease.is_none()
             && let Err(e) = self.keepalive().await
         {
@@ -383,11 +421,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     .context("starting the REST API")?;
     tracing::info!(member = %cfg.name, scope = %cfg.scope, api = %server.local_addr(), "agent started");
     let peer_client = peer_client(&cfg)?;
-    let guard = crate::guard::GuardHandle::new(crate::guard::GuardArgs {
+    let mut guard = crate::guard::GuardHandle::new(crate::guard::GuardArgs {
         state: cfg.postgresql.config_dir.join(crate::guard::STATE_FILE),
         config_dir: cfg.postgresql.config_dir.clone(),
         data_dir: cfg.postgresql.data_dir.clone(),
     });
+    guard.settle_stale(&instance);
     let mut shell = Shell {
         layout,
         ha: base.ha,
@@ -420,6 +459,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         busy_done: Arc::new(tokio::sync::Notify::new()),
         last_logged: String::new(),
         guard,
+        renewed: false,
+        promote_checkpoint: None,
         watchdog: watchdog::Watchdog::new(crate::config::Watchdog {
             mode: cfg.watchdog.mode,
             device: cfg.watchdog.device.clone(),

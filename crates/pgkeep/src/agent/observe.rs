@@ -104,6 +104,9 @@ impl Shell {
                     if self.promote_requested && sql.in_recovery {
                         obs.process = PgProcess::Promoting;
                     } else if !sql.in_recovery {
+                        if self.promote_requested {
+                            self.checkpoint_after_promote();
+                        }
                         self.promote_requested = false;
                     }
                     self.last_sql = Some(sql);
@@ -287,8 +290,55 @@ impl Shell {
             version: PATRONI_COMPAT_VERSION.into(),
             pgkeep_version: Some(PGKEEP_VERSION.into()),
             tags: self.cfg.tags.clone(),
+            checkpoint_after_promote: self
+                .promote_checkpoint
+                .as_ref()
+                .map(|done| done.load(std::sync::atomic::Ordering::SeqCst)),
             ..Default::default()
         }
+    }
+
+    /// After a promotion, a `CHECKPOINT` in the background (Patroni does the same): pg_rewind
+    /// reads the source's timeline from its control file, which names the new timeline only
+    /// after the first checkpoint on it. Until it is done the member key says
+    /// `checkpoint_after_promote: false` and nodes wait before rewinding from this one.
+    fn checkpoint_after_promote(&mut self) {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.promote_checkpoint = Some(done.clone());
+        let socket = self.layout.socket_dir().to_owned();
+        let port = self.layout.node.port;
+        let user = self
+            .cfg
+            .postgresql
+            .authentication
+            .superuser
+            .username
+            .clone();
+        tokio::spawn(async move {
+            let result = async {
+                let c = crate::postgres::observe::connect_local(
+                    &socket,
+                    port,
+                    &user,
+                    std::time::Duration::from_secs(10),
+                )
+                .await?;
+                c.batch_execute("CHECKPOINT")
+                    .await
+                    .map_err(|e| anyhow::anyhow!("CHECKPOINT: {e}"))
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    done.store(true, std::sync::atomic::Ordering::SeqCst);
+                    tracing::info!("checkpoint after promotion done");
+                }
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "checkpoint after promotion failed"
+                ),
+            }
+        });
     }
 
     /// The last SQL observation, for the status JSON.

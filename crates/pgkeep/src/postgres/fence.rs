@@ -30,9 +30,13 @@ pub struct FenceGrace {
 
 impl Default for FenceGrace {
     fn default() -> Self {
+        // Together well inside the smallest lease safety margin (1 s): a fence starts at the
+        // deadline and must be complete before another node can be promoted. A fast shutdown
+        // stops commits at once (backends are terminated first); the grace only matters for a
+        // postmaster that does not react.
         FenceGrace {
-            fast: Duration::from_millis(1500),
-            immediate: Duration::from_millis(1000),
+            fast: Duration::from_millis(500),
+            immediate: Duration::from_millis(300),
         }
     }
 }

@@ -301,3 +301,22 @@ fn running_primary_is_fenced_when_another_member_leads() {
     );
     assert_eq!(acts(&d), vec![Action::Fence]);
 }
+
+#[test]
+fn rewind_waits_for_the_new_primarys_checkpoint_after_promotion() {
+    let mut fx = former_primary(950);
+    fx.member("n2").checkpoint_after_promote = Some(false);
+    let d = fx.decide();
+    assert_eq!(d.state, MemberState::Rewinding);
+    assert!(
+        acts(&d).is_empty(),
+        "no pg_rewind before the checkpoint: {d:?}"
+    );
+    fx.member("n2").checkpoint_after_promote = Some(true);
+    assert_eq!(
+        acts(&fx.decide()),
+        vec![Action::Rewind {
+            source: "n2".into()
+        }]
+    );
+}

@@ -45,7 +45,8 @@ fn switchover_waits_for_candidate_to_confirm_checkpoint() {
         == Action::FetchPeerStatus {
             members: vec!["n2".into()]
         }));
-    fx.peers(&[("n2", false, 1099)]);
+    // At the start of the checkpoint record is not past it.
+    fx.peers(&[("n2", false, 1100)]);
     let d = fx.decide();
     assert_eq!(d.reason, Reason::SwitchoverAwaitingCandidate);
     assert!(!d.has(|a| *a == Action::ReleaseLeaderKey));
@@ -55,7 +56,7 @@ fn switchover_waits_for_candidate_to_confirm_checkpoint() {
 #[test]
 fn switchover_releases_key_after_candidate_has_checkpoint() {
     let mut fx = stopped_after_switchover(Some("n2"));
-    fx.peers(&[("n2", false, 1100)]);
+    fx.peers(&[("n2", false, 1180)]);
     let d = fx.decide();
     assert_eq!(d.reason, Reason::ReleasingLeaderKey);
     let Action::PublishMember(m) = &d.actions[0] else {
@@ -70,7 +71,7 @@ fn switchover_releases_key_after_candidate_has_checkpoint() {
 #[test]
 fn switchover_without_candidate_accepts_any_member_with_checkpoint() {
     let mut fx = stopped_after_switchover(None);
-    fx.peers(&[("n2", false, 1000), ("n3", false, 1100)]);
+    fx.peers(&[("n2", false, 1000), ("n3", false, 1180)]);
     assert!(fx.decide().has(|a| *a == Action::ReleaseLeaderKey));
 }
 
@@ -161,7 +162,7 @@ fn switchover_to_the_leader_itself_is_cleared() {
 #[test]
 fn release_marker_stays_until_a_new_leader_appears() {
     let mut fx = stopped_after_switchover(Some("n2"));
-    fx.peers(&[("n2", false, 1100)]);
+    fx.peers(&[("n2", false, 1180)]);
     let d = fx.decide();
     assert_eq!(d.memory.released_revision, Some(10));
     // Key gone: the member key keeps the marker.
@@ -307,4 +308,14 @@ fn switchover_candidate_takes_the_released_key_without_asking_peers() {
     let mut fx = Fx::leaderless("n2");
     fx.failover(None, Some("n2"));
     assert_eq!(fx.decide().reason, Reason::NeedPeerStatus);
+}
+
+#[test]
+fn switchover_after_an_unclean_stop_is_never_confirmed() {
+    let mut fx = stopped_after_switchover(Some("n2"));
+    fx.obs.pg.crashed = true;
+    fx.peers(&[("n2", false, 5000)]);
+    let d = fx.decide();
+    assert_eq!(d.reason, Reason::SwitchoverAwaitingCandidate);
+    assert!(!d.has(|a| *a == Action::ReleaseLeaderKey));
 }

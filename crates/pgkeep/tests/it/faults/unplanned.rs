@@ -72,6 +72,17 @@ fn host_loss(name: &str, sync: bool) {
              (otherwise this test does not exercise divergence)"
         );
         let log = b.agent_log(p);
+        if !log.contains("background operation finished op=Rewind") {
+            b.save_logs(name);
+        }
+        assert!(
+            log.contains("crash recovery in single-user mode before starting as a standby"),
+            "the crashed old primary must learn the end of its WAL before it starts as a standby"
+        );
+        assert!(
+            log.contains("background operation finished op=Rewind"),
+            "the rewind must have succeeded"
+        );
         assert!(
             log.contains("rewinding with pg_rewind"),
             "the diverged old primary must rejoin with pg_rewind:\n{}",

@@ -337,6 +337,16 @@ pub(super) fn check(records: &[Record], present: &BTreeSet<(String, i64)>) -> Re
         }
     }
     let mut split_brain = Vec::new();
+    // One timeline has one primary: acknowledgements from two nodes on the same timeline mean
+    // two promotions onto it.
+    let mut port_of_tl: BTreeMap<u32, u16> = BTreeMap::new();
+    for (port, tl) in &primaries {
+        if let Some(other) = port_of_tl.insert(*tl, *port) {
+            split_brain.push(format!(
+                "ports {other} and {port} both acknowledged writes on timeline {tl}"
+            ));
+        }
+    }
     for r in records {
         if let Outcome::Acked { port, timeline } = r.outcome {
             for (tl, (end, p)) in first_ack.range(timeline + 1..) {
@@ -420,5 +430,20 @@ mod tests {
         // The same history without the late write on the old timeline is clean.
         let clean = check(&records[..3], &present);
         assert!(clean.split_brain.is_empty());
+        // Two nodes acknowledging on one timeline is two primaries too.
+        let twin = vec![
+            rec("any", 1, 0, 10, a1),
+            rec(
+                "node2",
+                1,
+                0,
+                10,
+                Outcome::Acked {
+                    port: 2,
+                    timeline: 1,
+                },
+            ),
+        ];
+        assert_eq!(check(&twin, &present).split_brain.len(), 1);
     }
 }
