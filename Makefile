@@ -40,3 +40,18 @@ test: deps lint
 SEEDS ?= 100000
 sim: deps
 	$(CARGO) run --locked -p pgkeep-sim --bin pgkeep-sim -- --seeds $(SEEDS)
+
+# Benchmark harness (bench/README.md): pgkeep vs Patroni failover and switchover, as root.
+#   make bench                      10 trials per product and scenario, aggressive timings
+#   make bench TRIALS=1             quick run (a few minutes)
+#   make bench TIMINGS=aggressive,default SCENARIOS=failover BENCH_ARGS='--kill-phase-ms 500'
+TRIALS ?= 10
+SCENARIOS ?= failover,switchover
+TIMINGS ?= aggressive
+BENCH_ARGS ?=
+.PHONY: bench
+bench: deps
+	$(CARGO) build --locked -p pgkeep
+	$(CARGO) build --locked --release -p pgkeep-bench
+	target/release/pgkeep-bench --pgkeep-bin target/debug/pgkeep --trials $(TRIALS) \
+		--scenarios $(SCENARIOS) --timings $(TIMINGS) $(BENCH_ARGS)

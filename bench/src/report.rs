@@ -1,0 +1,414 @@
+//! The markdown report: settings, per-trial rows, medians, ratios and the issue's targets.
+
+use std::fmt::Write as _;
+
+use crate::client::Loss;
+use crate::cluster::Timings;
+use crate::floor::FloorTrial;
+use crate::trials::{FailoverRow, SwitchRow};
+
+/// Failover trials under one set of timings.
+#[derive(Debug, Default)]
+pub struct FailoverSet {
+    /// The timings (None until set).
+    pub timings: Option<Timings>,
+    /// "pgkeep: granted lease TTL 10 s" lines, or why the timings could not be applied.
+    pub applied: Vec<String>,
+    /// pgkeep's trials (an error text when a trial failed).
+    pub pgkeep: Vec<Result<FailoverRow, String>>,
+    /// Patroni's trials.
+    pub patroni: Vec<Result<FailoverRow, String>>,
+}
+
+/// Switchover trials.
+#[derive(Debug, Default)]
+pub struct SwitchSet {
+    /// pgkeep's trials.
+    pub pgkeep: Vec<Result<SwitchRow, String>>,
+    /// Set when pgkeep does not implement `POST /switchover`.
+    pub pgkeep_unsupported: Option<String>,
+    /// Patroni's trials.
+    pub patroni: Vec<Result<SwitchRow, String>>,
+    /// The floor's trials.
+    pub floor: Vec<Result<FloorTrial, String>>,
+}
+
+/// Everything a run found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Title line details (start time, duration).
+    pub header: String,
+    /// (setting, value) rows.
+    pub settings: Vec<(String, String)>,
+    /// Failover sets, one per timings.
+    pub failover: Vec<FailoverSet>,
+    /// Switchovers (None when not run).
+    pub switchover: Option<SwitchSet>,
+    /// Errors and remarks.
+    pub notes: Vec<String>,
+}
+
+/// A per-trial measurement.
+type Metric = fn(&FailoverRow) -> Option<f64>;
+
+/// Median of `v` (None when empty).
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn s3(v: Option<f64>) -> String {
+    v.map_or("–".into(), |x| format!("{x:.3}"))
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("–".into(), |x| format!("{:.0}", x * 1000.0))
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn r2(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), |x| format!("{x:.2}"))
+}
+
+fn loss_cells(l: &Option<Loss>) -> (String, String) {
+    match l {
+        Some(l) => {
+            let mut lost = format!("{} / {}", l.acked, l.lost);
+            if l.failed_present > 0 {
+                lost.push_str(&format!(" ({} failed but present!)", l.failed_present));
+            }
+            (lost, format!("{} ({})", l.unknown, l.unknown_present))
+        }
+        None => ("read-back failed".into(), "–".into()),
+    }
+}
+
+fn ok_rows<T: Clone>(v: &[Result<T, String>]) -> Vec<T> {
+    v.iter().filter_map(|r| r.as_ref().ok().cloned()).collect()
+}
+
+fn med<T>(rows: &[T], f: impl Fn(&T) -> Option<f64>) -> Option<f64> {
+    median(&rows.iter().filter_map(f).collect::<Vec<_>>())
+}
+
+fn lost_total<T>(rows: &[T], f: impl Fn(&T) -> &Option<Loss>) -> (usize, usize) {
+    rows.iter()
+        .filter_map(|r| f(r).as_ref())
+        .fold((0, 0), |(a, l), x| (a + x.acked, l + x.lost))
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "**met**",
+        Some(false) => "**not met**",
+        None => "n/a",
+    }
+}
+
+impl Report {
+    /// The report as markdown.
+    pub fn markdown(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "# pgkeep vs Patroni: failover and switchover\n\n{}\n",
+            self.header
+        );
+        let _ = writeln!(o, "## Settings\n\n| setting | value |\n| --- | --- |");
+        for (k, v) in &self.settings {
+            let _ = writeln!(o, "| {k} | {} |", v.replace('|', "\\|"));
+        }
+        let mut targets: Vec<(String, &'static str)> = Vec::new();
+        for set in &self.failover {
+            self.failover_section(&mut o, set, &mut targets);
+        }
+        if let Some(sw) = &self.switchover {
+            self.switch_section(&mut o, sw, &mut targets);
+        }
+        let _ = writeln!(
+            o,
+            "## Targets (issue 5)\n\n| target | verdict |\n| --- | --- |"
+        );
+        for (t, v) in &targets {
+            let _ = writeln!(o, "| {t} | {v} |");
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(o, "\n## Notes\n");
+            for n in &self.notes {
+                let _ = writeln!(o, "- {}", n.replace('\n', " "));
+            }
+        }
+        o
+    }
+
+    fn failover_section(
+        &self,
+        o: &mut String,
+        set: &FailoverSet,
+        targets: &mut Vec<(String, &'static str)>,
+    ) {
+        let Some(t) = set.timings else {
+            return;
+        };
+        let _ = writeln!(o, "\n## Failover (host loss), {}\n", t.text());
+        for a in &set.applied {
+            let _ = writeln!(o, "- {a}");
+        }
+        let _ = writeln!(
+            o,
+            "\n| product | # | leader → new | kill − keepalive (ms) | keepalive period (s) | procs killed | kill → expiry (s) | expiry → 1st ack (s) | kill → 1st ack (s) | kill → new leader key (s) | client gap (s) | acked / lost | unknown (present) | rejoin (restart → healthy) | note |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for (label, rows) in [("pgkeep", &set.pgkeep), ("Patroni", &set.patroni)] {
+            for (i, r) in rows.iter().enumerate() {
+                match r {
+                    Ok(r) => {
+                        let (lost, unknown) = loss_cells(&r.loss);
+                        let _ = writeln!(
+                            o,
+                            "| {label} | {} | {} → {} | {:.0} ±{:.0} | {} | {} | {} | {} | {} | {} | {} | {lost} | {unknown} | {} | {} |",
+                            r.trial,
+                            r.old,
+                            r.new,
+                            r.phase * 1000.0,
+                            r.phase_uncertainty * 1000.0,
+                            s3(r.keepalive_period),
+                            r.killed,
+                            s3(r.kill_to_expiry),
+                            s3(r.expiry_to_ack),
+                            s3(r.kill_to_ack),
+                            s3(r.kill_to_new_key),
+                            s3(r.client_gap),
+                            r.rejoin,
+                            r.note
+                        );
+                    }
+                    Err(e) => {
+                        let _ = writeln!(
+                            o,
+                            "| {label} | {} | trial failed: {} |||||||||||||",
+                            i + 1,
+                            e.replace(['|', '\n'], " ")
+                        );
+                    }
+                }
+            }
+        }
+        let (k, p) = (ok_rows(&set.pgkeep), ok_rows(&set.patroni));
+        let _ = writeln!(
+            o,
+            "\nMedians ({} pgkeep and {} Patroni trials measured):\n\n| metric | pgkeep | Patroni | pgkeep / Patroni |\n| --- | --- | --- | --- |",
+            k.len(),
+            p.len()
+        );
+        let metrics: [(&str, Metric); 5] = [
+            ("kill → lease expiry seen (s)", |r| r.kill_to_expiry),
+            ("expiry → first acknowledged write (s)", |r| {
+                r.expiry_to_ack
+            }),
+            ("kill → first acknowledged write (s)", |r| r.kill_to_ack),
+            ("kill → new leader key (s)", |r| r.kill_to_new_key),
+            ("client write gap (s)", |r| r.client_gap),
+        ];
+        for (name, f) in metrics {
+            let (a, b) = (med(&k, f), med(&p, f));
+            let _ = writeln!(
+                o,
+                "| {name} | {} | {} | {} |",
+                s3(a),
+                s3(b),
+                r2(ratio(a, b))
+            );
+        }
+        let (ka, kl) = lost_total(&k, |r| &r.loss);
+        let (pa, pl) = lost_total(&p, |r| &r.loss);
+        let _ = writeln!(
+            o,
+            "| acknowledged writes lost (all trials) | {kl} of {ka} | {pl} of {pa} | |"
+        );
+        let (a, b) = (med(&k, |r| r.expiry_to_ack), med(&p, |r| r.expiry_to_ack));
+        targets.push((
+            format!(
+                "{}: lease expiry → first write below Patroni's (pgkeep {} s, Patroni {} s)",
+                t.text(),
+                s3(a),
+                s3(b)
+            ),
+            verdict(a.zip(b).map(|(a, b)| a < b)),
+        ));
+        targets.push((
+            format!(
+                "{}: no acknowledged write lost by pgkeep in host loss (async; {kl} of {ka})",
+                t.text()
+            ),
+            verdict((ka > 0).then_some(kl == 0)),
+        ));
+    }
+
+    fn switch_section(
+        &self,
+        o: &mut String,
+        sw: &SwitchSet,
+        targets: &mut Vec<(String, &'static str)>,
+    ) {
+        let _ = writeln!(
+            o,
+            "\n## Switchover (`POST /switchover`, client write gap measured directly)\n"
+        );
+        if let Some(u) = &sw.pgkeep_unsupported {
+            let _ = writeln!(o, "- pgkeep: **not supported by this pgkeep build** ({u})");
+        }
+        let _ = writeln!(
+            o,
+            "\n| product | # | leader → candidate | POST → response (s) | HTTP | write gap (ms) | POST → 1st ack on new primary (s) | failed / unknown / connect failures | acked / lost | unknown (present) | rejoin | note |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for (label, rows) in [("pgkeep", &sw.pgkeep), ("Patroni", &sw.patroni)] {
+            for (i, r) in rows.iter().enumerate() {
+                match r {
+                    Ok(r) => {
+                        let (lost, unknown) = loss_cells(&r.loss);
+                        let _ = writeln!(
+                            o,
+                            "| {label} | {} | {} | {:.3} | {} | {} | {} | {} / {} / {} | {lost} | {unknown} | {} | {} |",
+                            r.trial,
+                            r.direction,
+                            r.post_secs,
+                            r.http.replace('|', " "),
+                            ms(r.gap),
+                            s3(r.post_to_ack),
+                            r.errors.0,
+                            r.errors.1,
+                            r.errors.2,
+                            r.rejoin,
+                            r.note
+                        );
+                    }
+                    Err(e) => {
+                        let _ = writeln!(
+                            o,
+                            "| {label} | {} | trial failed: {} ||||||||||",
+                            i + 1,
+                            e.replace(['|', '\n'], " ")
+                        );
+                    }
+                }
+            }
+        }
+        let _ = writeln!(
+            o,
+            "\nFloor (no HA manager: untimed CHECKPOINT on both, `pg_ctl stop -m fast`, wait for the shutdown checkpoint on the replica, `pg_promote(wait => true)`):\n\n| # | direction | stop (ms) | replay wait (ms) | promote (ms) | write gap (ms) | stop → 1st ack (s) | acked / lost | unknown (present) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for (i, r) in sw.floor.iter().enumerate() {
+            match r {
+                Ok(f) => {
+                    let (lost, unknown) = loss_cells(&f.loss);
+                    let _ = writeln!(
+                        o,
+                        "| {} | {} | {} | {} | {} | {} | {} | {lost} | {unknown} |",
+                        i + 1,
+                        f.direction,
+                        ms(Some(f.stop)),
+                        ms(Some(f.replay_wait)),
+                        ms(Some(f.promote)),
+                        ms(f.gap),
+                        s3(f.to_first_ack)
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(
+                        o,
+                        "| {} | trial failed: {} ||||||||",
+                        i + 1,
+                        e.replace(['|', '\n'], " ")
+                    );
+                }
+            }
+        }
+        let (k, p, f) = (
+            ok_rows(&sw.pgkeep),
+            ok_rows(&sw.patroni),
+            ok_rows(&sw.floor),
+        );
+        let (gk, gp, gf) = (med(&k, |r| r.gap), med(&p, |r| r.gap), med(&f, |r| r.gap));
+        let _ = writeln!(
+            o,
+            "\n| median write gap | ms | trials |\n| --- | --- | --- |\n| pgkeep | {} | {} |\n| Patroni | {} | {} |\n| floor | {} | {} |\n\n| ratio | value | target |\n| --- | --- | --- |\n| pgkeep gap / floor gap | {} | ≤ 1.5 |\n| pgkeep gap / Patroni gap | {} | ≤ 0.25 |\n| Patroni gap / floor gap | {} | (context) |",
+            ms(gk),
+            k.len(),
+            ms(gp),
+            p.len(),
+            ms(gf),
+            f.len(),
+            r2(ratio(gk, gf)),
+            r2(ratio(gk, gp)),
+            r2(ratio(gp, gf)),
+        );
+        let (ka, kl) = lost_total(&k, |r| &r.loss);
+        let _ = writeln!(
+            o,
+            "\nAcknowledged writes lost in switchovers: pgkeep {kl} of {ka}, Patroni {} of {}, floor {} of {}.\n",
+            lost_total(&p, |r| &r.loss).1,
+            lost_total(&p, |r| &r.loss).0,
+            lost_total(&f, |r| &r.loss).1,
+            lost_total(&f, |r| &r.loss).0,
+        );
+        targets.push((
+            format!(
+                "switchover write gap within 1.5× the floor (pgkeep/floor = {})",
+                r2(ratio(gk, gf))
+            ),
+            verdict(ratio(gk, gf).map(|r| r <= 1.5)),
+        ));
+        targets.push((
+            format!(
+                "switchover write gap at most a quarter of Patroni's (pgkeep/Patroni = {})",
+                r2(ratio(gk, gp))
+            ),
+            verdict(ratio(gk, gp).map(|r| r <= 0.25)),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(ratio(Some(1.0), Some(4.0)), Some(0.25));
+        assert_eq!(ratio(Some(1.0), Some(0.0)), None);
+    }
+
+    #[test]
+    fn report_renders_unsupported_switchover() {
+        let r = Report {
+            header: "h".into(),
+            settings: vec![("ttl".into(), "10".into())],
+            switchover: Some(SwitchSet {
+                pgkeep_unsupported: Some("HTTP 501".into()),
+                ..SwitchSet::default()
+            }),
+            ..Report::default()
+        };
+        let md = r.markdown();
+        assert!(md.contains("not supported by this pgkeep build"));
+        assert!(md.contains("| pgkeep gap / floor gap | n/a |"));
+    }
+}
