@@ -31,7 +31,8 @@ impl Shell {
         let name = action_name(action);
         // While this node may hold the lease, no DCS call may run past the lease deadline: the
         // next decision must be able to fence in time, whatever etcd does.
-        let budget = self.leader_lease.filter(|_| action.is_dcs()).map(|l| {
+        let bounded = action.is_dcs() || matches!(action, Action::Checkpoint);
+        let budget = self.leader_lease.filter(|_| bounded).map(|l| {
             self.instant(self.ha.lease_deadline(l.sent_at, l.granted_ttl))
                 .saturating_duration_since(std::time::Instant::now())
         });
@@ -44,6 +45,9 @@ impl Shell {
         match result {
             Ok(o) => o,
             Err(e) => {
+                if matches!(action, Action::Fence) {
+                    self.fence_failed = true;
+                }
                 tracing::warn!(action = name, error = format!("{e:#}"), "action failed");
                 if action.is_dcs() {
                     Outcome::Replan

@@ -83,6 +83,8 @@ struct Shell {
     ops: ops::Ops,
     /// The leader key was acquired or renewed since the watchdog was last patted.
     renewed: bool,
+    /// The last fence of this cycle failed (PostgreSQL may still run).
+    fence_failed: bool,
     /// Set when this node promoted: whether the checkpoint after the promotion is done.
     promote_checkpoint: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -201,6 +203,16 @@ impl Shell {
                 "NO FENCE GUARD: a frozen or killed agent would leave PostgreSQL running past the lease"
             );
         }
+        // Paused: neither the guard nor the watchdog acts, so agents can be restarted or
+        // handed back without touching PostgreSQL (Patroni disables its watchdog in pause too).
+        // A fence that failed keeps the guard armed: it retries on its own.
+        let cmd = if self.ha.pause {
+            ha::WatchdogCmd::Disarm
+        } else if matches!(cmd, ha::WatchdogCmd::Disarm) && std::mem::take(&mut self.fence_failed) {
+            ha::WatchdogCmd::Hold
+        } else {
+            cmd
+        };
         match cmd {
             // Patted only after a renewal that succeeded: a leader that cannot renew must let
             // its device fire.
@@ -461,6 +473,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         guard,
         renewed: false,
         promote_checkpoint: None,
+        fence_failed: false,
         watchdog: watchdog::Watchdog::new(crate::config::Watchdog {
             mode: cfg.watchdog.mode,
             device: cfg.watchdog.device.clone(),
@@ -516,6 +529,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
             tracing::info!("shutting down: stopping PostgreSQL and handing over");
             shell.requests.shutdown = true;
         }
+    }
+    // Revoking the lease deletes the leader key at once: if the shutdown timed out with
+    // PostgreSQL still running, stop it first, or a replica could be promoted next to it.
+    if shell.instance.running_postmaster().ok().flatten().is_some() {
+        let instance = shell.instance.clone();
+        let fenced = tokio::task::spawn_blocking(move || {
+            crate::postgres::fence::fence_blocking(
+                &instance,
+                crate::postgres::fence::FenceGrace::default(),
+            )
+        })
+        .await;
+        tracing::warn!(outcome = ?fenced, "PostgreSQL still ran at the end of the shutdown; fenced");
     }
     shell.guard.disarm();
     shell.watchdog.disarm();

@@ -127,6 +127,14 @@ fn watchdog_is_kept_alive_by_the_leader_and_required_means_required() {
             "required",
             &c.agents[1].node.dir.join("no-such-watchdog"),
         );
+        // The node without its watchdog would otherwise win every tie: if `required` were
+        // ignored, the host-loss failover below would go to it, not by chance.
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&c.agents[1].config)
+            .unwrap();
+        writeln!(f, "tags: {{failover_priority: 9}}").unwrap();
         *fake.borrow_mut() = Some(dev);
     });
     let dev = fake.into_inner().unwrap();

@@ -285,3 +285,44 @@ fn frozen_etcd_makes_the_primary_fence_before_its_lease_expires() {
     assert_safe(&r, false);
     drop(b.env);
 }
+
+/// In pause the guard stands down: the leader's agent can be killed (to be restarted or
+/// handed back) without PostgreSQL being stopped when the lease runs out.
+#[test]
+fn paused_cluster_agent_killed_leaves_postgres_running() {
+    let b = bed("fpause", 1, DcsOptions::default());
+    let p = b.c.primary().unwrap();
+    let key = format!("/service/{}/config", b.c.scope);
+    let out = b
+        .etcd
+        .etcdctl(&["get", &key, "--print-value-only"])
+        .unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    config["pause"] = serde_json::json!(true);
+    assert!(
+        b.etcd
+            .etcdctl(&["put", &key, &config.to_string()])
+            .unwrap()
+            .success()
+    );
+    let state = b.c.agents[p].node.dir.join("conf/pgkeep-fence.state");
+    b.c.wait(
+        "the guard disarmed in pause",
+        Duration::from_secs(15),
+        |_| std::fs::read_to_string(&state).is_ok_and(|s| s.starts_with("disarmed")),
+    )
+    .unwrap();
+    let pm = b.c.postmaster_pid(p).unwrap();
+    b.c.kill_agent(p).unwrap();
+    std::thread::sleep(Duration::from_secs(u64::from(b.dcs.ttl) + 3));
+    assert_eq!(
+        b.c.postmaster_pid(p),
+        Some(pm),
+        "in pause, PostgreSQL must outlive its agent and the lease"
+    );
+    // Negative control of the same bed: the guard did not exit early for lack of work and the
+    // primary still accepts writes.
+    let out = b.c.psql(p, "SELECT pg_is_in_recovery()").unwrap();
+    assert_eq!(out.stdout.trim(), "f");
+    drop(b.env);
+}
