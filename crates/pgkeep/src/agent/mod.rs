@@ -85,6 +85,8 @@ struct Shell {
     renewed: bool,
     /// The last fence of this cycle failed (PostgreSQL may still run).
     fence_failed: bool,
+    /// The control data with the pg_control file's (mtime, inode, size) it was read at.
+    controldata_stamp: Option<((std::time::SystemTime, u64, u64), ControlData)>,
     /// Set when this node promoted: whether the checkpoint after the promotion is done.
     promote_checkpoint: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -474,6 +476,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         renewed: false,
         promote_checkpoint: None,
         fence_failed: false,
+        controldata_stamp: None,
         watchdog: watchdog::Watchdog::new(crate::config::Watchdog {
             mode: cfg.watchdog.mode,
             device: cfg.watchdog.device.clone(),

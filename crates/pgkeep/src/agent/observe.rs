@@ -190,9 +190,33 @@ impl Shell {
             self.controldata = None;
             return DataDir::Invalid;
         }
+        // pg_control is rewritten whenever its content changes; an unchanged file (same
+        // modification time and inode) needs no new pg_controldata run. That run costs
+        // milliseconds on every observation, which a switchover's hand-over repeats.
+        let stamp = std::fs::metadata(self.layout.data_dir.join("global/pg_control"))
+            .ok()
+            .and_then(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.modified().ok().map(|t| (t, m.ino(), m.len()))
+            });
+        if let (Some(stamp), Some((seen, cd))) = (stamp, &self.controldata_stamp)
+            && stamp == *seen
+        {
+            let cd = cd.clone();
+            let system_id = cd.system_identifier.clone();
+            self.controldata = Some(cd);
+            return DataDir::Initialised { system_id };
+        }
         match self.instance.controldata().await {
             Ok(cd) => {
                 let system_id = cd.system_identifier.clone();
+                // File timestamps are coarse (a few ms): cache only a file that had been stable
+                // for a while, so a later rewrite cannot carry the same time.
+                let settled = stamp.is_some_and(|(t, _, _)| {
+                    t.elapsed()
+                        .is_ok_and(|age| age > std::time::Duration::from_millis(50))
+                });
+                self.controldata_stamp = stamp.filter(|_| settled).map(|s| (s, cd.clone()));
                 self.controldata = Some(cd);
                 DataDir::Initialised { system_id }
             }

@@ -247,7 +247,8 @@ impl Instance {
                     timeout,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Short: during a switchover every millisecond of this wait is write outage.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(true)
     }
