@@ -244,6 +244,17 @@ impl AgentCluster {
         (primaries.len() == 1).then(|| primaries[0])
     }
 
+    /// Every other member streams from agent `p` (by application name: a clone's
+    /// `pg_basebackup` streams too, under its own name).
+    pub fn replicas_streaming(&self, p: usize) -> bool {
+        let mut others: Vec<String> = (0..self.agents.len())
+            .filter(|i| *i != p)
+            .map(|i| self.agents[i].node.name.clone())
+            .collect();
+        others.sort();
+        self.streaming_to(p) == others
+    }
+
     /// The application names of walsenders streaming from agent `i`.
     pub fn streaming_to(&self, i: usize) -> Vec<String> {
         self.psql(

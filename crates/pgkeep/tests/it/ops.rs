@@ -55,19 +55,9 @@ impl Ctl {
     }
 }
 
-/// Both other members stream from `p`.
-fn healthy(c: &AgentCluster, p: usize) -> bool {
-    let mut others: Vec<String> = (0..c.agents.len())
-        .filter(|i| *i != p)
-        .map(|i| c.agents[i].node.name.clone())
-        .collect();
-    others.sort();
-    c.streaming_to(p) == others
-}
-
 fn wait_healthy(c: &AgentCluster, timeout: Duration) -> usize {
     c.wait("one primary and two streaming replicas", timeout, |c| {
-        c.primary().is_some_and(|p| healthy(c, p))
+        c.primary().is_some_and(|p| c.replicas_streaming(p))
     })
     .unwrap();
     c.primary().unwrap()

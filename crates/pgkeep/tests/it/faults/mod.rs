@@ -52,7 +52,7 @@ fn bed_with(
     .unwrap();
     let p = c.primary().unwrap();
     c.wait("two streaming replicas", Duration::from_secs(90), |c| {
-        replicas_streaming(c, p)
+        c.replicas_streaming(p)
     })
     .unwrap();
     let password = format!("w-{}", std::process::id());
@@ -117,7 +117,7 @@ impl Bed {
     fn healthy_again(&self, timeout: Duration) -> usize {
         self.c
             .wait("one primary and two streaming replicas", timeout, |c| {
-                c.primary().is_some_and(|p| replicas_streaming(c, p))
+                c.primary().is_some_and(|p| c.replicas_streaming(p))
             })
             .unwrap();
         self.c.primary().unwrap()
@@ -161,6 +161,23 @@ impl Bed {
         (resp.status, resp.text())
     }
 
+    /// Sets `key` in the cluster's dynamic configuration (written to etcd directly, as an
+    /// operator with etcd access could).
+    fn set_dynamic(&self, key: &str, value: serde_json::Value) {
+        let path = format!("/service/{}/config", self.c.scope);
+        let out = self
+            .etcd
+            .etcdctl(&["get", &path, "--print-value-only"])
+            .unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        config[key] = value;
+        let put = self
+            .etcd
+            .etcdctl(&["put", &path, &config.to_string()])
+            .unwrap();
+        assert!(put.success(), "{}", put.stderr);
+    }
+
     /// Copies every agent's log to `/tmp/pgkeep-fault-logs/<test>/` for a failing test.
     fn save_logs(&self, test: &str) {
         let dir = std::path::Path::new("/tmp/pgkeep-fault-logs").join(test);
@@ -202,17 +219,6 @@ impl Bed {
         }
         assert_eq!(stalled, 2, "the primary should have two walsenders");
     }
-}
-
-/// Both other members stream from `p` (by application name: a clone's `pg_basebackup` streams
-/// too, under its own name).
-fn replicas_streaming(c: &AgentCluster, p: usize) -> bool {
-    let mut others: Vec<String> = (0..c.agents.len())
-        .filter(|i| *i != p)
-        .map(|i| c.agents[i].node.name.clone())
-        .collect();
-    others.sort();
-    c.streaming_to(p) == others
 }
 
 fn port_of(b: &Bed, i: usize) -> u16 {

@@ -197,15 +197,10 @@ fn watchdog_is_kept_alive_by_the_leader_and_required_means_required() {
 #[test]
 fn member_and_permanent_slots_exist_on_the_new_primary_after_host_loss() {
     let b = bed("fslots", 1, DcsOptions::default());
-    let key = format!("/service/{}/config", b.c.scope);
-    let out = b
-        .etcd
-        .etcdctl(&["get", &key, "--print-value-only"])
-        .unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
-    config["slots"] = serde_json::json!({"keep_me": {"type": "physical"}});
-    let put = b.etcd.etcdctl(&["put", &key, &config.to_string()]).unwrap();
-    assert!(put.success(), "{}", put.stderr);
+    b.set_dynamic(
+        "slots",
+        serde_json::json!({"keep_me": {"type": "physical"}}),
+    );
     let p = b.c.primary().unwrap();
     let slots = |i: usize| -> Vec<String> {
         b.c.psql(i, "SELECT slot_name FROM pg_replication_slots ORDER BY 1")
@@ -253,19 +248,7 @@ fn strict_synchronous_mode_blocks_commits_without_a_standby() {
             ..DcsOptions::default()
         },
     );
-    let key = format!("/service/{}/config", b.c.scope);
-    let out = b
-        .etcd
-        .etcdctl(&["get", &key, "--print-value-only"])
-        .unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
-    config["synchronous_mode_strict"] = serde_json::json!(true);
-    assert!(
-        b.etcd
-            .etcdctl(&["put", &key, &config.to_string()])
-            .unwrap()
-            .success()
-    );
+    b.set_dynamic("synchronous_mode_strict", serde_json::json!(true));
     let p = b.c.primary().unwrap();
     let w = Writers::start(&b.target);
     std::thread::sleep(Duration::from_secs(3));

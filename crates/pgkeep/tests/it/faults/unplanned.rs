@@ -292,19 +292,7 @@ fn frozen_etcd_makes_the_primary_fence_before_its_lease_expires() {
 fn paused_cluster_agent_killed_leaves_postgres_running() {
     let b = bed("fpause", 1, DcsOptions::default());
     let p = b.c.primary().unwrap();
-    let key = format!("/service/{}/config", b.c.scope);
-    let out = b
-        .etcd
-        .etcdctl(&["get", &key, "--print-value-only"])
-        .unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
-    config["pause"] = serde_json::json!(true);
-    assert!(
-        b.etcd
-            .etcdctl(&["put", &key, &config.to_string()])
-            .unwrap()
-            .success()
-    );
+    b.set_dynamic("pause", serde_json::json!(true));
     let state = b.c.agents[p].node.dir.join("conf/pgkeep-fence.state");
     b.c.wait(
         "the guard disarmed in pause",
