@@ -218,6 +218,7 @@ pub fn run(args: &GuardArgs) -> Result<()> {
     tracing::info!(state = %args.state.display(), "fence guard running");
     let mut state = GuardState::Disarmed { owner: None };
     let mut fenced_for = None;
+    let mut idle_polls = 0u32;
     loop {
         if let Some(s) = read_state(&args.state) {
             state = s;
@@ -232,11 +233,17 @@ pub fn run(args: &GuardArgs) -> Result<()> {
                 };
                 let late = boottime_ms().saturating_sub(deadline_ms);
                 match fence_blocking(&instance, FenceGrace::default()) {
-                    // Nothing to stop yet: look again, a postmaster may be starting.
+                    // Nothing to stop: look a few more times (a start may be under way, its
+                    // pid file not written yet), then consider this deadline done. Never for
+                    // ever: an agent that lives on starts PostgreSQL again only once it decided
+                    // it may, and the guard must not stop that.
                     Ok(FenceOutcome::NotRunning) => {
-                        std::thread::sleep(Duration::from_millis(POLL_MS));
-                        if !owner_alive {
+                        idle_polls += 1;
+                        if idle_polls >= 5 || !owner_alive {
                             fenced_for = Some(deadline_ms);
+                            idle_polls = 0;
+                        } else {
+                            std::thread::sleep(Duration::from_millis(POLL_MS));
                         }
                     }
                     Ok(outcome) => {

@@ -65,7 +65,19 @@ struct Proc {
 /// Stops the instance's postmaster, escalating as described in the module documentation.
 /// Blocks for at most `grace.fast + grace.immediate` plus a moment.
 pub fn fence_blocking(instance: &Instance, grace: FenceGrace) -> Result<FenceOutcome, PgError> {
-    let Some(pm) = instance.running_postmaster()? else {
+    // The pid file may be caught mid-write while the postmaster starts or exits: read again.
+    let mut attempt = 0;
+    let pm = loop {
+        match instance.running_postmaster() {
+            Ok(pm) => break pm,
+            Err(_) if attempt < 5 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let Some(pm) = pm else {
         return Ok(FenceOutcome::NotRunning);
     };
     let Some(pm_start) = start_ticks(pm.pid) else {

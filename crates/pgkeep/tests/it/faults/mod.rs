@@ -115,11 +115,15 @@ impl Bed {
     }
 
     fn healthy_again(&self, timeout: Duration) -> usize {
-        self.c
+        if let Err(e) = self
+            .c
             .wait("one primary and two streaming replicas", timeout, |c| {
                 c.primary().is_some_and(|p| c.replicas_streaming(p))
             })
-            .unwrap();
+        {
+            self.save_logs(&self.c.scope);
+            panic!("{e:#}");
+        }
         self.c.primary().unwrap()
     }
 
