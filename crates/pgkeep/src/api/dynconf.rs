@@ -34,7 +34,7 @@ use pgkeep_core::ops::{self, Refusal};
 use serde_json::{Map, Value, json};
 
 use super::handlers::{AppState, NO_VIEW, error_response, json_response};
-use super::switchover::{NO_CONTROL, principal, read_body};
+use super::switchover::{Mutation, begin};
 use crate::dcs::{Cas, Expect};
 
 /// Which method.
@@ -120,16 +120,16 @@ fn refused_response(refusals: &[Refusal]) -> Response {
 }
 
 async fn write_config(state: AppState, peer: SocketAddr, req: Request, mode: Mode) -> Response {
-    let who = principal(&req);
-    let Some(control) = state.control.clone() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_CONTROL);
-    };
     let pinned = match if_match(req.headers()) {
         Ok(p) => p,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, e),
     };
-    let bytes = match read_body(req).await {
-        Ok(b) => b,
+    let Mutation {
+        who,
+        control,
+        body: bytes,
+    } = match begin(&state, req).await {
+        Ok(m) => m,
         Err(resp) => return resp,
     };
     let body: Map<String, Value> = match serde_json::from_slice(&bytes) {

@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 
 use super::control::{LocalRequest, RequestOutcome};
 use super::handlers::{AppState, NO_VIEW, error_response, text_response};
-use super::switchover::{NO_CONTROL, principal, read_body};
+use super::switchover::{Mutation, begin};
 
 /// How long a reinitialize or reload request waits for the agent to take it.
 const ACCEPT_WAIT: Duration = Duration::from_secs(30);
@@ -179,12 +179,12 @@ pub(super) async fn post_restart(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let who = principal(&req);
-    let Some(control) = state.control.clone() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_CONTROL);
-    };
-    let bytes = match read_body(req).await {
-        Ok(b) => b,
+    let Mutation {
+        who,
+        control,
+        body: bytes,
+    } = match begin(&state, req).await {
+        Ok(m) => m,
         Err(resp) => return resp,
     };
     let body = match RestartBody::parse(&bytes) {
@@ -279,12 +279,12 @@ pub(super) async fn post_reinitialize(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let who = principal(&req);
-    let Some(control) = state.control.clone() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_CONTROL);
-    };
-    let bytes = match read_body(req).await {
-        Ok(b) => b,
+    let Mutation {
+        who,
+        control,
+        body: bytes,
+    } = match begin(&state, req).await {
+        Ok(m) => m,
         Err(resp) => return resp,
     };
     let (force, from_leader) = match reinit_body(&bytes) {
@@ -335,13 +335,10 @@ pub(super) async fn post_reload(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let who = principal(&req);
-    let Some(control) = state.control.clone() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_CONTROL);
+    let Mutation { who, control, .. } = match begin(&state, req).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
     };
-    if let Err(resp) = read_body(req).await {
-        return resp;
-    }
     tracing::info!(principal = %who, peer = %peer.ip(), "REST API: reload requested");
     match tokio::time::timeout(ACCEPT_WAIT, control.request(LocalRequest::Reload)).await {
         Ok(Ok(outcome)) => outcome_response(

@@ -84,6 +84,25 @@ fn now_unix_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// What every state-changing handler starts from: who asks (for the audit line), the handle
+/// that may change the cluster, and the bounded request body.
+pub(super) struct Mutation {
+    pub(super) who: String,
+    pub(super) control: std::sync::Arc<dyn super::control::Control>,
+    pub(super) body: Vec<u8>,
+}
+
+/// The common start of a state-changing request: 503 without a control handle, the body
+/// read within its size and time limits.
+pub(super) async fn begin(state: &AppState, req: Request) -> Result<Mutation, Response> {
+    let who = principal(&req);
+    let Some(control) = state.control.clone() else {
+        return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, NO_CONTROL));
+    };
+    let body = read_body(req).await?;
+    Ok(Mutation { who, control, body })
+}
+
 /// Who the caller is, for audit logs (never a credential).
 pub(super) fn principal(req: &Request) -> String {
     req.extensions()
@@ -115,12 +134,12 @@ async fn post_manual(
     kind: ManualKind,
     req: Request,
 ) -> Response {
-    let who = principal(&req);
-    let Some(control) = state.control.clone() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_CONTROL);
-    };
-    let bytes = match read_body(req).await {
-        Ok(b) => b,
+    let Mutation {
+        who,
+        control,
+        body: bytes,
+    } = match begin(&state, req).await {
+        Ok(m) => m,
         Err(resp) => return resp,
     };
     let body = match RequestBody::from_json(&bytes) {
