@@ -9,12 +9,12 @@
 //! recovery commands, pg_hba, ...) are dropped with a security warning: pgkeep takes them from
 //! the local file only, by design.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::ha::{HaConfig, Millis, SyncMode};
+use crate::ha::{HaConfig, LogicalSlotSpec, Millis, SyncMode};
 use crate::policy::{self, GucName, Parameters};
 
 /// A key of the dynamic configuration that pgkeep did not use.
@@ -178,7 +178,7 @@ pub fn read(
                 }
             }
             "slots" | "permanent_slots" | "permanent_replication_slots" => {
-                ha.permanent_slots = permanent_slots(key, value, &mut dropped)?;
+                (ha.permanent_slots, ha.logical_slots) = permanent_slots(key, value, &mut dropped)?;
             }
             "postgresql" => {
                 let Value::Object(pg) = value else {
@@ -199,6 +199,18 @@ pub fn read(
                     security,
                 });
             }
+        }
+    }
+    let logical_wal = parameters
+        .iter()
+        .any(|(n, v)| n.as_str() == "wal_level" && v.as_str() == "logical");
+    if !logical_wal && !ha.logical_slots.is_empty() {
+        for name in std::mem::take(&mut ha.logical_slots).into_keys() {
+            dropped.push(DroppedKey {
+                path: format!("slots.{name}"),
+                reason: "a logical slot needs postgresql.parameters.wal_level: logical".into(),
+                security: false,
+            });
         }
     }
     Ok(DynamicConfig {
@@ -321,44 +333,73 @@ fn boolean(key: &str, v: &Value) -> Result<bool, DynamicError> {
     }
 }
 
-/// Permanent slots: physical ones are kept; logical slots are dropped (with a security
-/// warning: a logical slot streams data to whoever can connect as a replication user).
+/// Physical and logical permanent slots.
+type PermanentSlots = (BTreeSet<String>, BTreeMap<String, LogicalSlotSpec>);
+
+/// Permanent slots. A logical slot needs `database` and `plugin`; the plugin must be a bare
+/// library name: PostgreSQL loads a plugin given as a path from anywhere on disk.
 fn permanent_slots(
     key: &str,
     v: &Value,
     dropped: &mut Vec<DroppedKey>,
-) -> Result<BTreeSet<String>, DynamicError> {
+) -> Result<PermanentSlots, DynamicError> {
     let Value::Object(slots) = v else {
         return match v {
-            Value::Null => Ok(BTreeSet::new()),
+            Value::Null => Ok(Default::default()),
             _ => Err(bad(key, "expected a mapping of slot names")),
         };
     };
-    let mut out = BTreeSet::new();
+    let mut out: PermanentSlots = Default::default();
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
     for (name, spec) in slots {
-        let valid = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        let kind = spec
+        let mut drop = |reason: &str, security: bool| {
+            dropped.push(DroppedKey {
+                path: format!("{key}.{name}"),
+                reason: reason.into(),
+                security,
+            })
+        };
+        let field = |f: &str| spec.get(f).and_then(Value::as_str).unwrap_or_default();
+        if !ident(name) {
+            drop("slot names use lower-case letters, digits and '_'", false);
+            continue;
+        }
+        match spec
             .get("type")
             .and_then(Value::as_str)
-            .unwrap_or("physical");
-        if !valid {
-            dropped.push(DroppedKey {
-                path: format!("{key}.{name}"),
-                reason: "slot names use lower-case letters, digits and '_'".into(),
-                security: false,
-            });
-        } else if kind != "physical" {
-            dropped.push(DroppedKey {
-                path: format!("{key}.{name}"),
-                reason: "logical slots are not created from dynamic configuration".into(),
-                security: true,
-            });
-        } else {
-            out.insert(name.clone());
+            .unwrap_or("physical")
+        {
+            "physical" => {
+                out.0.insert(name.clone());
+            }
+            "logical" => {
+                let (database, plugin) = (field("database"), field("plugin"));
+                if database.is_empty() || database.len() > 63 {
+                    drop(
+                        "a logical slot needs its database (at most 63 bytes)",
+                        false,
+                    );
+                } else if !ident(plugin) {
+                    drop(
+                        "a logical slot needs its plugin, a bare library name (lower-case letters, digits, '_'; never a path)",
+                        true,
+                    );
+                } else {
+                    out.1.insert(
+                        name.clone(),
+                        LogicalSlotSpec {
+                            database: database.to_owned(),
+                            plugin: plugin.to_owned(),
+                        },
+                    );
+                }
+            }
+            _ => drop("a slot's type is physical or logical", false),
         }
     }
     Ok(out)
@@ -406,7 +447,7 @@ mod tests {
                 "parameters": {"archive_command": "sh -c evil", "shared_preload_libraries": "evil", "work_mem": "1MB"}
             },
             "standby_cluster": {"host": "attacker", "restore_command": "sh"},
-            "slots": {"leak": {"type": "logical", "database": "x", "plugin": "y"}, "keep": {"type": "physical"}}
+            "slots": {"leak": {"type": "logical", "database": "x", "plugin": "/tmp/evil"}, "keep": {"type": "physical"}}
         }))
         .unwrap();
         let security: Vec<_> = d
@@ -433,6 +474,35 @@ mod tests {
         }
         assert_eq!(d.parameters.len(), 1);
         assert!(d.ha.permanent_slots.contains("keep") && !d.ha.permanent_slots.contains("leak"));
+    }
+
+    #[test]
+    fn logical_slots_need_database_plugin_and_logical_wal() {
+        let slots = json!({
+            "cdc": {"type": "logical", "database": "app", "plugin": "pgoutput"},
+            "nodb": {"type": "logical", "plugin": "pgoutput"},
+            "odd": {"type": "weird"}
+        });
+        let d = read(json!({"slots": slots.clone()})).unwrap();
+        assert!(d.ha.logical_slots.is_empty());
+        assert!(
+            d.dropped
+                .iter()
+                .any(|k| k.path == "slots.cdc" && k.reason.contains("wal_level"))
+        );
+        let d = read(json!({
+            "slots": slots,
+            "postgresql": {"parameters": {"wal_level": "logical"}}
+        }))
+        .unwrap();
+        let cdc = &d.ha.logical_slots["cdc"];
+        assert_eq!(
+            (cdc.database.as_str(), cdc.plugin.as_str()),
+            ("app", "pgoutput")
+        );
+        assert_eq!(d.ha.logical_slots.len(), 1);
+        let paths: Vec<_> = d.dropped.iter().map(|k| k.path.as_str()).collect();
+        assert_eq!(paths, ["slots.nodb", "slots.odd"]);
     }
 
     #[test]

@@ -202,6 +202,8 @@ pub fn role_sql(roles: &HbaRoles) -> Vec<String> {
         format!(
             "GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {rewind}"
         ),
+        // Replicas checkpoint the leader before copying a logical slot's state file.
+        format!("GRANT pg_checkpoint TO {rewind}"),
     ]
 }
 

@@ -120,6 +120,7 @@ impl World {
             sync_standby_names: pg.ssn.clone(),
             replication,
             slots: pg.slots.clone(),
+            logical_slots: Default::default(),
             data_dir: match &pg.data {
                 Data::Empty => DataDir::Empty,
                 Data::Init(s) => DataDir::Initialised {

@@ -155,6 +155,7 @@ pub(crate) fn setup(rng: &mut Rng, sim: &SimConfig) -> (HaConfig, Profile, Vec<N
         use_pg_rewind: rng.chance(0.8),
         use_slots: true,
         permanent_slots: Default::default(),
+        logical_slots: Default::default(),
         member_slots_ttl: Millis(30_000),
     };
     if sim.variant == Variant::TinyMargin {

@@ -59,6 +59,8 @@ pub struct DcsOptions {
     pub retry_timeout: u32,
     /// `synchronous_mode`.
     pub synchronous_mode: bool,
+    /// More `bootstrap.dcs` lines, YAML indented by four spaces.
+    pub extra_yaml: String,
 }
 
 impl Default for DcsOptions {
@@ -68,6 +70,7 @@ impl Default for DcsOptions {
             loop_wait: 1,
             retry_timeout: 3,
             synchronous_mode: false,
+            extra_yaml: String::new(),
         }
     }
 }
@@ -411,7 +414,7 @@ bootstrap:
     retry_timeout: {retry_timeout}
     maximum_lag_on_failover: 1048576
     synchronous_mode: {sync}
-  initdb: [{{encoding: UTF8}}, {{locale: C}}]
+{extra_dcs}  initdb: [{{encoding: UTF8}}, {{locale: C}}]
 postgresql:
   listen: {addr}:{pg_port}
   connect_address: {dns}:{pg_port}
@@ -459,6 +462,7 @@ log:
         loop_wait = dcs.loop_wait,
         retry_timeout = dcs.retry_timeout,
         sync = dcs.synchronous_mode,
+        extra_dcs = dcs.extra_yaml,
         log_level = std::env::var("PGKEEP_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
     );
     if !spec.cluster_networks.is_empty() {

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::cluster::{ClusterStatus, HistoryEntry, MemberData, SyncState};
+use crate::cluster::{ClusterStatus, HistoryEntry, Lsn, MemberData, SyncState};
 
 use super::reason::Reason;
 use super::types::{HaMemory, Millis};
@@ -210,11 +210,41 @@ pub enum Action {
     CreateSlots(Vec<String>),
     /// Drop replication slots.
     DropSlots(Vec<String>),
+    /// Create a logical slot on the primary (connected to its database).
+    CreateLogicalSlot {
+        /// Slot name.
+        name: String,
+        /// Its database.
+        database: String,
+        /// Its output plugin.
+        plugin: String,
+    },
+    /// Replica: copy these logical slots' state files from the leader and restart PostgreSQL
+    /// so it loads them (PostgreSQL 15 cannot create a logical slot on a standby).
+    CopyLogicalSlots {
+        /// The member to copy from.
+        from: String,
+        /// Slot names.
+        names: Vec<String>,
+    },
+    /// Replica: move logical slot copies forward (`pg_replication_slot_advance`).
+    AdvanceSlots(Vec<SlotAdvance>),
     /// `GET /patroni` on these members (2 s timeout each), then decide again with the answers.
     FetchPeerStatus {
         /// Members to ask.
         members: Vec<String>,
     },
+}
+
+/// One `pg_replication_slot_advance` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotAdvance {
+    /// Slot name.
+    pub name: String,
+    /// The slot's database (the call must run there).
+    pub database: String,
+    /// The target position.
+    pub lsn: Lsn,
 }
 
 impl Action {

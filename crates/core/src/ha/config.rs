@@ -1,6 +1,6 @@
 //! HA settings: Patroni's dynamic keys that drive decisions, plus pgkeep's lease safety margin.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::types::Millis;
 
@@ -14,6 +14,15 @@ pub const MIN_INTERVAL: Millis = Millis(100);
 
 /// pgkeep's default `primary_start_timeout`: 30 s instead of Patroni's 300 s.
 pub const DEFAULT_PRIMARY_START_TIMEOUT: Millis = Millis::from_secs(30);
+
+/// A permanent logical slot from `/config.slots`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogicalSlotSpec {
+    /// The database the slot decodes.
+    pub database: String,
+    /// The output plugin (a library name in PostgreSQL's `$libdir`, never a path).
+    pub plugin: String,
+}
 
 /// `synchronous_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,6 +72,9 @@ pub struct HaConfig {
     pub use_slots: bool,
     /// Permanent physical slots the leader keeps.
     pub permanent_slots: BTreeSet<String>,
+    /// Permanent logical slots (by name): the leader creates them, failover-capable replicas
+    /// keep copies advanced to the leader's position so a consumer resumes after a failover.
+    pub logical_slots: BTreeMap<String, LogicalSlotSpec>,
     /// How long the leader keeps the slot of a member whose key disappeared.
     pub member_slots_ttl: Millis,
 }
@@ -85,6 +97,7 @@ impl Default for HaConfig {
             use_pg_rewind: true,
             use_slots: true,
             permanent_slots: BTreeSet::new(),
+            logical_slots: BTreeMap::new(),
             member_slots_ttl: Millis::from_secs(1800),
         }
     }

@@ -168,6 +168,7 @@ pub(crate) fn status_actions(cx: &Ctx<'_>) -> Vec<Action> {
         optime: Some(optime),
         ..ClusterStatus::default()
     };
+    status.slots.extend(slots::logical_positions(cx));
     if cx.cfg.use_slots {
         status.retain_slots = cx
             .mem

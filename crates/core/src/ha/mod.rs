@@ -40,11 +40,12 @@ mod types;
 mod tests;
 
 pub use action::{
-    Action, Decision, MemberState, STRICT_PLACEHOLDER, StartRole, StopMode, SyncStandbyNames,
-    WatchdogCmd,
+    Action, Decision, MemberState, STRICT_PLACEHOLDER, SlotAdvance, StartRole, StopMode,
+    SyncStandbyNames, WatchdogCmd,
 };
 pub use config::{
-    ConfigError, DEFAULT_PRIMARY_START_TIMEOUT, HaConfig, MIN_INTERVAL, MIN_TTL, SyncMode,
+    ConfigError, DEFAULT_PRIMARY_START_TIMEOUT, HaConfig, LogicalSlotSpec, MIN_INTERVAL, MIN_TTL,
+    SyncMode,
 };
 pub use decide::decide;
 pub use leader_race::failover_priority;
@@ -55,6 +56,6 @@ pub use slots::slot_name;
 pub use switchover::{format_rfc3339, parse_rfc3339};
 pub use types::{
     DataDir, DcsSession, DeletedLeader, HaMemory, Handover, HandoverKind, LeaderLease,
-    LocalObservation, LocalRequests, LongOperation, Millis, PeerReport, PeerStatus, PgObservation,
-    PgProcess, ReplicationRow, SeenLeader,
+    LocalObservation, LocalRequests, LogicalSlotState, LongOperation, Millis, PeerReport,
+    PeerStatus, PgObservation, PgProcess, ReplicationRow, SeenLeader,
 };

@@ -149,6 +149,11 @@ pub(crate) fn follow(cx: &mut Ctx<'_>, leader: &str) -> Plan {
             for a in slots::on_replica(cx) {
                 p = p.with(a);
             }
+            if div == Divergence::No {
+                for a in slots::logical_on_replica(cx, leader) {
+                    p = p.with(a);
+                }
+            }
             p
         }
         PgProcess::Stopped if paused => Plan::new(MemberState::Stopped, Reason::Paused),

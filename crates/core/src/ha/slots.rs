@@ -2,7 +2,9 @@
 
 use std::collections::BTreeSet;
 
-use super::action::Action;
+use crate::cluster::Lsn;
+
+use super::action::{Action, SlotAdvance};
 use super::decide::Ctx;
 
 /// Patroni's slot name for a member: lower case, `-` and `.` become `_`, any other character
@@ -49,12 +51,90 @@ pub(crate) fn leader_slots(cx: &Ctx<'_>) -> BTreeSet<String> {
     want
 }
 
-/// Leader rule "member slots": create the missing slots, drop the unexpected ones.
+/// Leader rule "member slots": create the missing physical slots, drop the unexpected physical
+/// ones; create the permanent logical slots, and recreate one whose database or plugin differs
+/// from the configuration. Logical slots pgkeep was not told about are left alone: they belong to
+/// someone (a CDC consumer, a subscriber) and dropping one loses that consumer's position.
 pub(crate) fn on_primary(cx: &Ctx<'_>) -> Vec<Action> {
-    if !cx.cfg.use_slots {
+    let mut out = Vec::new();
+    if cx.cfg.use_slots {
+        out = diff(&leader_slots(cx), &cx.obs.pg.slots, true);
+    }
+    let mut stale = Vec::new();
+    for (name, spec) in &cx.cfg.logical_slots {
+        match cx.obs.pg.logical_slots.get(name) {
+            Some(have) if have.database == spec.database && have.plugin == spec.plugin => {}
+            Some(_) => stale.push(name.clone()),
+            None => out.push(Action::CreateLogicalSlot {
+                name: name.clone(),
+                database: spec.database.clone(),
+                plugin: spec.plugin.clone(),
+            }),
+        }
+    }
+    if !stale.is_empty() {
+        out.push(Action::DropSlots(stale));
+    }
+    out
+}
+
+/// The positions of the permanent logical slots on the leader, for `/status.slots`: replicas
+/// advance their copies to them.
+pub(crate) fn logical_positions<'c>(cx: &'c Ctx<'_>) -> impl Iterator<Item = (String, Lsn)> + 'c {
+    cx.cfg.logical_slots.keys().filter_map(|name| {
+        let s = cx.obs.pg.logical_slots.get(name)?;
+        (s.confirmed_flush.0 > 0).then(|| (name.clone(), s.confirmed_flush))
+    })
+}
+
+/// Replica rule "logical slot copies", on a failover-capable replica that follows `leader` on
+/// its history: copy a permanent logical slot the leader has and this node lacks (PostgreSQL 15
+/// cannot create one on a standby, so the state file is copied and PostgreSQL restarted), move
+/// copies forward to the leader's published position (never past local replay), and drop a copy
+/// whose database or plugin differs so it is copied again.
+pub(crate) fn logical_on_replica(cx: &Ctx<'_>, leader: &str) -> Vec<Action> {
+    if cx.obs.tags.nofailover || cx.cfg.logical_slots.is_empty() {
         return Vec::new();
     }
-    diff(&leader_slots(cx), &cx.obs.pg.slots, true)
+    let pg = &cx.obs.pg;
+    let replay = pg.replay_lsn.unwrap_or_default();
+    let (mut copy, mut advance, mut stale) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, spec) in &cx.cfg.logical_slots {
+        let Some(target) = cx.view.status.slots.get(name) else {
+            continue;
+        };
+        match pg.logical_slots.get(name) {
+            None => copy.push(name.clone()),
+            Some(have) if have.database != spec.database || have.plugin != spec.plugin => {
+                stale.push(name.clone())
+            }
+            Some(have) => {
+                let to = (*target).min(replay);
+                if to > have.confirmed_flush {
+                    advance.push(SlotAdvance {
+                        name: name.clone(),
+                        database: spec.database.clone(),
+                        lsn: to,
+                    });
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if !stale.is_empty() {
+        out.push(Action::DropSlots(stale));
+    }
+    if !advance.is_empty() {
+        out.push(Action::AdvanceSlots(advance));
+    }
+    // Copying restarts PostgreSQL: never in maintenance mode.
+    if !copy.is_empty() && !cx.cfg.pause {
+        out.push(Action::CopyLogicalSlots {
+            from: leader.to_owned(),
+            names: copy,
+        });
+    }
+    out
 }
 
 /// Replica rule "cascading slots": a replica keeps slots for members that stream from it. It

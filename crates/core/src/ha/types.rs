@@ -133,8 +133,21 @@ pub struct PgObservation {
     pub replication: Vec<ReplicationRow>,
     /// Physical replication slots that exist.
     pub slots: BTreeSet<String>,
+    /// Logical replication slots that exist, by name.
+    pub logical_slots: BTreeMap<String, LogicalSlotState>,
     /// The data directory.
     pub data_dir: DataDir,
+}
+
+/// A logical replication slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogicalSlotState {
+    /// Its database.
+    pub database: String,
+    /// Its output plugin.
+    pub plugin: String,
+    /// `confirmed_flush_lsn` (0 when unset).
+    pub confirmed_flush: Lsn,
 }
 
 impl PgObservation {

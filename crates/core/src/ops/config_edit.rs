@@ -339,7 +339,7 @@ mod tests {
                 true,
             ),
             (
-                json!({"slots": {"leak": {"type": "logical", "database": "x", "plugin": "y"}}}),
+                json!({"slots": {"leak": {"type": "logical", "database": "x", "plugin": "../evil"}}}),
                 "slots.leak",
                 true,
             ),

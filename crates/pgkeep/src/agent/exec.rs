@@ -272,6 +272,15 @@ impl Shell {
             }
             Action::CreateSlots(names) => self.slots(names, true).await?,
             Action::DropSlots(names) => self.slots(names, false).await?,
+            Action::CreateLogicalSlot {
+                name,
+                database,
+                plugin,
+            } => self.create_logical_slot(name, database, plugin).await?,
+            Action::CopyLogicalSlots { from, names } => {
+                self.copy_logical_slots(from, names).await?
+            }
+            Action::AdvanceSlots(advances) => self.advance_slots(advances).await?,
             Action::FetchPeerStatus { members } => {
                 self.peers = Some(self.fetch_peers(members).await);
                 return Ok(Outcome::Replan);
@@ -296,7 +305,7 @@ impl Shell {
         Ok(())
     }
 
-    async fn stop_pg(&mut self, mode: StopMode) -> Result<()> {
+    pub(super) async fn stop_pg(&mut self, mode: StopMode) -> Result<()> {
         let timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout);
         self.instance.stop(mode, timeout).await?;
         self.pg_client = None;
@@ -344,7 +353,7 @@ impl Shell {
         Ok(())
     }
 
-    async fn start_pg(&mut self, role: &StartRole) -> Result<()> {
+    pub(super) async fn start_pg(&mut self, role: &StartRole) -> Result<()> {
         let standby = match role {
             StartRole::Primary => false,
             StartRole::Replica { upstream } => {
@@ -404,7 +413,7 @@ impl Shell {
     /// with this node's client certificate. The application name is `pgkeep-<tool>-<member>`:
     /// never the member's own name, which `synchronous_standby_names` and operators reserve for
     /// the member's streaming replication.
-    fn tool_conninfo(&self, member: &str, rewind: bool) -> Result<String> {
+    pub(super) fn tool_conninfo(&self, member: &str, rewind: bool) -> Result<String> {
         let snap = self
             .watch
             .snapshot()
@@ -543,7 +552,7 @@ impl Shell {
                     "pg_rewind found nothing to rewind although the local WAL passed the switch point"
                 );
             }
-            Ok(())
+            super::slots::clear_slots(&instance.data_dir)
         });
         Ok(())
     }
@@ -688,6 +697,9 @@ fn action_name(a: &Action) -> &'static str {
         Action::ClearFailover { .. } => "clear failover",
         Action::CreateSlots(_) => "create slots",
         Action::DropSlots(_) => "drop slots",
+        Action::CreateLogicalSlot { .. } => "create logical slot",
+        Action::CopyLogicalSlots { .. } => "copy logical slots",
+        Action::AdvanceSlots(_) => "advance slots",
         Action::FetchPeerStatus { .. } => "fetch peer status",
     }
 }

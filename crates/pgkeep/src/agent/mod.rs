@@ -7,6 +7,7 @@ mod exec;
 mod observe;
 mod ops;
 mod render;
+mod slots;
 mod status;
 mod watchdog;
 
@@ -85,6 +86,8 @@ struct Shell {
     renewed: bool,
     /// The last fence of this cycle failed (PostgreSQL may still run).
     fence_failed: bool,
+    /// No logical slot copy before this instant (the last attempt failed).
+    slot_copy_after: Option<std::time::Instant>,
     /// The control data with the pg_control file's (mtime, inode, size) it was read at.
     controldata_stamp: Option<((std::time::SystemTime, u64, u64), ControlData)>,
     /// Set when this node promoted: whether the checkpoint after the promotion is done.
@@ -299,6 +302,12 @@ impl Shell {
                         | ha::Action::PublishMember(_)
                         | ha::Action::WriteStatus(_)
                         | ha::Action::FetchPeerStatus { .. }
+                        // Slot upkeep changes no role; a failing one must not spin the loop.
+                        | ha::Action::CreateSlots(_)
+                        | ha::Action::DropSlots(_)
+                        | ha::Action::CreateLogicalSlot { .. }
+                        | ha::Action::CopyLogicalSlots { .. }
+                        | ha::Action::AdvanceSlots(_)
                 )
             });
             if !replan || rounds >= 3 {
@@ -476,6 +485,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         renewed: false,
         promote_checkpoint: None,
         fence_failed: false,
+        slot_copy_after: None,
         controldata_stamp: None,
         watchdog: watchdog::Watchdog::new(crate::config::Watchdog {
             mode: cfg.watchdog.mode,

@@ -100,6 +100,18 @@ impl Shell {
                         .iter()
                         .map(|s| s.name.clone())
                         .collect::<BTreeSet<_>>();
+                    obs.logical_slots = sql
+                        .logical_slots
+                        .iter()
+                        .map(|s| {
+                            let state = pgkeep_core::ha::LogicalSlotState {
+                                database: s.database.clone(),
+                                plugin: s.plugin.clone(),
+                                confirmed_flush: s.confirmed_flush.unwrap_or_default(),
+                            };
+                            (s.name.clone(), state)
+                        })
+                        .collect();
                     obs.timeline_history = self.read_history(sql.timeline);
                     if self.promote_requested && sql.in_recovery {
                         obs.process = PgProcess::Promoting;

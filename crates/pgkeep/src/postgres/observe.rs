@@ -57,6 +57,19 @@ pub struct Slot {
     pub restart_lsn: Option<Lsn>,
 }
 
+/// A logical replication slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogicalSlot {
+    /// Slot name.
+    pub name: String,
+    /// Its database.
+    pub database: String,
+    /// Its output plugin.
+    pub plugin: String,
+    /// `confirmed_flush_lsn`.
+    pub confirmed_flush: Option<Lsn>,
+}
+
 /// One observation of the running server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalPg {
@@ -83,6 +96,8 @@ pub struct LocalPg {
     pub replication: Vec<Walsender>,
     /// Physical slots.
     pub slots: Vec<Slot>,
+    /// Logical slots.
+    pub logical_slots: Vec<LogicalSlot>,
     /// Some changed parameter needs a restart.
     pub pending_restart: bool,
 }
@@ -111,8 +126,9 @@ SELECT usename::text, application_name, client_addr::text, state, sync_state, sy
   FROM pg_stat_replication ORDER BY application_name";
 
 const SLOTS_SQL: &str = "
-SELECT slot_name::text, active, (restart_lsn - '0/0')::bigint
-  FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT temporary ORDER BY slot_name";
+SELECT slot_name::text, active, (restart_lsn - '0/0')::bigint, slot_type = 'logical',
+       database::text, plugin::text, (confirmed_flush_lsn - '0/0')::bigint
+  FROM pg_replication_slots WHERE NOT temporary ORDER BY slot_name";
 
 /// Connects over the Unix socket in `socket_dir` as `user` (peer authentication).
 pub async fn connect_local(
@@ -121,11 +137,22 @@ pub async fn connect_local(
     user: &str,
     timeout: Duration,
 ) -> Result<Client, PgError> {
+    connect_local_db(socket_dir, port, user, "postgres", timeout).await
+}
+
+/// [`connect_local`] to database `dbname`.
+pub async fn connect_local_db(
+    socket_dir: &Path,
+    port: u16,
+    user: &str,
+    dbname: &str,
+    timeout: Duration,
+) -> Result<Client, PgError> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host_path(socket_dir)
         .port(port)
         .user(user)
-        .dbname("postgres")
+        .dbname(dbname)
         .application_name("pgkeep")
         .connect_timeout(timeout);
     let (client, connection) = tokio::time::timeout(timeout, cfg.connect(NoTls))
@@ -185,17 +212,27 @@ pub async fn observe(client: &Client) -> Result<LocalPg, PgError> {
             replay_lsn: lsn(r.get(7)),
         })
         .collect();
-    let slots = client
+    let (mut slots, mut logical_slots) = (Vec::new(), Vec::new());
+    for r in client
         .query(SLOTS_SQL, &[])
         .await
         .map_err(sql_err("reading pg_replication_slots"))?
-        .iter()
-        .map(|r| Slot {
-            name: r.get(0),
-            active: r.get(1),
-            restart_lsn: lsn(r.get(2)),
-        })
-        .collect();
+    {
+        if r.get::<_, bool>(3) {
+            logical_slots.push(LogicalSlot {
+                name: r.get(0),
+                database: r.get::<_, Option<String>>(4).unwrap_or_default(),
+                plugin: r.get::<_, Option<String>>(5).unwrap_or_default(),
+                confirmed_flush: lsn(r.get(6)),
+            });
+        } else {
+            slots.push(Slot {
+                name: r.get(0),
+                active: r.get(1),
+                restart_lsn: lsn(r.get(2)),
+            });
+        }
+    }
     // A standby's replay timeline has no SQL function in PostgreSQL 15. Each of these is a
     // timeline it provably reached (the receiver streams a timeline only once recovery checked
     // the fork point), so their maximum never claims a timeline the standby is not on; the
@@ -222,6 +259,7 @@ pub async fn observe(client: &Client) -> Result<LocalPg, PgError> {
         wal_receiver: receiver,
         replication,
         slots,
+        logical_slots,
         pending_restart: row.get(8),
     })
 }

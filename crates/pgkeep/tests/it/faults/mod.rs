@@ -5,6 +5,7 @@
 
 mod partition;
 mod planned;
+mod slots;
 mod unplanned;
 mod writer;
 
