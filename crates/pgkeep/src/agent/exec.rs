@@ -102,6 +102,10 @@ impl Shell {
                 tracing::info!("released the leader key");
             }
             Action::Promote => {
+                // A failed pre_promote gave the key back: nothing is promoted.
+                if !self.pre_promote().await {
+                    return Ok(Outcome::Replan);
+                }
                 // Over the open connection when there is one: no process to spawn, so the
                 // write outage of a switchover is shorter. pg_ctl otherwise.
                 if let Some(c) = self.pg_client.as_ref()
@@ -111,6 +115,7 @@ impl Shell {
                 {
                     self.promote_requested = true;
                     tracing::info!("promotion requested");
+                    self.cb_promoted();
                     return Ok(Outcome::Continue);
                 }
                 let args: Vec<OsString> = vec![
@@ -125,6 +130,7 @@ impl Shell {
                     .await?;
                 self.promote_requested = true;
                 tracing::info!("promotion requested");
+                self.cb_promoted();
             }
             Action::Checkpoint => {
                 let client = self
@@ -172,8 +178,8 @@ impl Shell {
                         upstream: self.upstream.clone(),
                     }
                 };
-                self.stop_pg(StopMode::Fast).await?;
-                self.start_pg(&role).await?;
+                // before_stop, stop, start, on_restart.
+                self.restart_pg(&role).await?;
             }
             Action::Follow { upstream } => {
                 self.upstream = upstream.clone();
@@ -302,13 +308,20 @@ impl Shell {
         tracing::warn!(?outcome, "fenced");
         self.pg_client = None;
         self.promote_requested = false;
+        if outcome != crate::postgres::fence::FenceOutcome::NotRunning {
+            self.cb_stopped();
+        }
         Ok(())
     }
 
     pub(super) async fn stop_pg(&mut self, mode: StopMode) -> Result<()> {
         let timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout);
-        self.instance.stop(mode, timeout).await?;
+        self.before_stop().await;
+        let stopped = self.instance.stop(mode, timeout).await?;
         self.pg_client = None;
+        if stopped {
+            self.cb_stopped();
+        }
         Ok(())
     }
 
@@ -368,6 +381,7 @@ impl Shell {
         let timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout);
         let pm = self.instance.start(timeout).await?;
         tracing::info!(pid = pm.pid, standby, "PostgreSQL started");
+        self.cb_started(standby);
         if !standby && self.fresh_bootstrap {
             self.create_roles().await?;
             self.fresh_bootstrap = false;
@@ -405,6 +419,7 @@ impl Shell {
         if let Some(pm) = self.instance.running_postmaster()? {
             signal::kill(Pid::from_raw(pm.pid), Signal::SIGHUP)
                 .context("signalling the postmaster to reload")?;
+            self.cb_reloaded();
         }
         Ok(())
     }

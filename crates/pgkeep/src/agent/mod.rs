@@ -2,6 +2,7 @@
 //! (DCS view + local PostgreSQL), asks [`pgkeep_core::ha::decide`] what to do, and does it.
 //! Nothing here decides; everything here talks to the world.
 
+mod callbacks;
 mod control;
 mod exec;
 mod observe;
@@ -86,12 +87,14 @@ struct Shell {
     renewed: bool,
     /// The last fence of this cycle failed (PostgreSQL may still run).
     fence_failed: bool,
-    /// No logical slot copy before this instant (the last attempt failed).
-    slot_copy_after: Option<std::time::Instant>,
     /// The control data with the pg_control file's (mtime, inode, size) it was read at.
     controldata_stamp: Option<((std::time::SystemTime, u64, u64), ControlData)>,
     /// Set when this node promoted: whether the checkpoint after the promotion is done.
     promote_checkpoint: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Local callbacks: the running ones, the role they last saw, the pre_promote backoff.
+    callbacks: callbacks::CallbackState,
+    /// No logical slot copy before this instant (the last attempt failed).
+    slot_copy_after: Option<std::time::Instant>,
 }
 
 impl Shell {
@@ -267,7 +270,8 @@ impl Shell {
         }
         let mut rounds = 0;
         loop {
-            let obs = self.observe().await;
+            let mut obs = self.observe().await;
+            self.cb_observed(&mut obs);
             let Some(snap) = self.watch.snapshot() else {
                 tracing::warn!("no DCS view yet");
                 return self.now() + Millis(500);
@@ -484,8 +488,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         guard,
         renewed: false,
         promote_checkpoint: None,
-        fence_failed: false,
+        callbacks: callbacks::CallbackState::default(),
         slot_copy_after: None,
+        fence_failed: false,
         controldata_stamp: None,
         watchdog: watchdog::Watchdog::new(crate::config::Watchdog {
             mode: cfg.watchdog.mode,
@@ -559,6 +564,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     shell.guard.disarm();
     shell.watchdog.disarm();
     let _ = shell.dcs.revoke(shell.lease.id).await;
+    shell.cb_settle().await;
     cancel.cancel();
     if let Err(e) = server.stopped().await {
         tracing::warn!(error = %e, "REST API did not stop cleanly");

@@ -47,6 +47,10 @@ fn role(r: &PgRole) -> Value {
     })
 }
 
+fn command(c: Option<&super::CallbackCommand>) -> Value {
+    c.map_or(Value::Null, |c| Value::from(c.argv.clone()))
+}
+
 /// The effective configuration as YAML, defaults filled in and every secret replaced by
 /// `<redacted>`. Printed by `pgkeep config check`.
 pub fn effective_yaml(c: &Config) -> String {
@@ -97,6 +101,9 @@ pub fn effective_yaml(c: &Config) -> String {
             "pg_ident": c.postgresql.pg_ident,
             "use_pg_rewind": c.postgresql.use_pg_rewind,
             "pg_ctl_timeout": c.postgresql.pg_ctl_timeout,
+            "callbacks": c.callbacks.events.iter().map(|(e, cmd)| (e.name().to_owned(), command(Some(cmd)))).collect::<Map<_, _>>(),
+            "pre_promote": command(c.callbacks.pre_promote.as_ref()),
+            "before_stop": command(c.callbacks.before_stop.as_ref()),
         },
         "tags": c.tags,
         "watchdog": {
@@ -109,6 +116,8 @@ pub fn effective_yaml(c: &Config) -> String {
             "dynamic_parameter_allowlist": c.dynamic_parameter_allowlist.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "cluster_networks": c.cluster_networks.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "insecure": c.insecure.active(),
+            "callback_timeout": c.callbacks.timeout.as_secs(),
+            "callback_primary_role": c.callbacks.primary_role.as_str(),
         },
     });
     serde_saphyr::to_string(&doc).unwrap_or_else(|e| format!("# cannot render: {e}\n"))

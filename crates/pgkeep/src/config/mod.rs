@@ -8,6 +8,7 @@
 //! passed the [`pgkeep_core::policy`] name and value checks. A file that holds a secret must not be
 //! readable by group or others.
 
+mod callbacks;
 mod effective;
 mod raw;
 mod resolve;
@@ -23,6 +24,10 @@ use pgkeep_core::cluster::Tags;
 use pgkeep_core::policy::{GucName, Parameters};
 use secrecy::SecretString;
 
+pub use callbacks::{
+    CallbackCommand, CallbackEvent, Callbacks, DEFAULT_CALLBACK_TIMEOUT, PrimaryRoleWord,
+    check_program as check_callback_program,
+};
 pub use effective::effective_yaml;
 
 /// A configuration error: the file, the key path (dotted, empty for the whole file) and why.
@@ -82,6 +87,9 @@ pub struct Config {
     pub cluster_networks: Vec<IpNet>,
     /// Explicit, loudly logged insecure overrides.
     pub insecure: Insecure,
+    /// Local callbacks (`postgresql.callbacks`, `pre_promote`, `before_stop`): from this file
+    /// only, never from the DCS.
+    pub callbacks: Callbacks,
     /// Key paths of secrets written inline in the file (rather than in a password file); such a
     /// file must not be readable by group or others.
     pub inline_secret_keys: Vec<String>,

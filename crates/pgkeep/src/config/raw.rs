@@ -186,6 +186,12 @@ pub(super) struct RawPostgresql {
     pub(super) use_pg_rewind: Option<bool>,
     #[serde(default)]
     pub(super) pg_ctl_timeout: Option<u64>,
+    #[serde(default)]
+    pub(super) callbacks: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub(super) pre_promote: Option<Value>,
+    #[serde(default)]
+    pub(super) before_stop: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,4 +234,8 @@ pub(super) struct RawPgkeep {
     pub(super) cluster_networks: Vec<String>,
     #[serde(default)]
     pub(super) insecure: Option<RawInsecure>,
+    #[serde(default)]
+    pub(super) callback_timeout: Option<u64>,
+    #[serde(default)]
+    pub(super) callback_primary_role: Option<String>,
 }

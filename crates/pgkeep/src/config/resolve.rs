@@ -292,6 +292,14 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         check_hba_line(line, insecure.weak_pg_hba)
             .map_err(|r| err(&format!("postgresql.pg_hba[{i}]"), r))?;
     }
+    let callbacks = super::callbacks::resolve(
+        file,
+        p.callbacks,
+        p.pre_promote,
+        p.before_stop,
+        raw_pgkeep.callback_timeout,
+        raw_pgkeep.callback_primary_role.as_deref(),
+    )?;
     let postgresql = Postgresql {
         listen: pg_listen,
         connect_address: p.connect_address,
@@ -401,6 +409,7 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         dynamic_parameter_allowlist,
         cluster_networks,
         insecure,
+        callbacks,
         inline_secret_keys,
     })
 }

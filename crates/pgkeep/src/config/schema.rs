@@ -129,6 +129,18 @@ pub(super) const ROOT: &[Entry] = &[
             leaf("pg_ident"),
             leaf("use_pg_rewind"),
             leaf("pg_ctl_timeout"),
+            section(
+                "callbacks",
+                &[
+                    leaf("on_start"),
+                    leaf("on_stop"),
+                    leaf("on_restart"),
+                    leaf("on_reload"),
+                    leaf("on_role_change"),
+                ],
+            ),
+            leaf("pre_promote"),
+            leaf("before_stop"),
         ],
     ),
     free("tags"),
@@ -142,6 +154,8 @@ pub(super) const ROOT: &[Entry] = &[
         &[
             leaf("dynamic_parameter_allowlist"),
             leaf("cluster_networks"),
+            leaf("callback_timeout"),
+            leaf("callback_primary_role"),
             section(
                 "insecure",
                 &[
@@ -251,15 +265,6 @@ pub(super) const UNIMPLEMENTED: &[(&str, &str)] = &[
     (
         "bootstrap.users",
         "removed in Patroni 3; create roles with pgkeep's role management",
-    ),
-    ("postgresql.callbacks", "callbacks are not supported yet"),
-    (
-        "postgresql.pre_promote",
-        "pre-promote commands are not supported",
-    ),
-    (
-        "postgresql.before_stop",
-        "before-stop commands are not supported",
     ),
     (
         "postgresql.create_replica_methods",
@@ -452,13 +457,26 @@ mod tests {
 
     #[test]
     fn unimplemented_patroni_option_says_so() {
-        let e = check(&json!({"postgresql": {"callbacks": {"on_start": "/bin/x"}}})).unwrap_err();
-        assert_eq!(e.path, "postgresql.callbacks");
+        let e = check(&json!({"postgresql": {"custom_conf": "/etc/x.conf"}})).unwrap_err();
+        assert_eq!(e.path, "postgresql.custom_conf");
         assert!(
             e.reason.contains("not implemented by pgkeep"),
             "{}",
             e.reason
         );
+    }
+
+    #[test]
+    fn callback_names_are_checked() {
+        assert!(
+            check(&json!({"postgresql": {"callbacks": {"on_role_change": "/x"}, "pre_promote": "/y", "before_stop": "/z"}}))
+                .is_ok()
+        );
+        let e = check(&json!({"postgresql": {"callbacks": {"on_promote": "/x"}}})).unwrap_err();
+        assert_eq!(e.path, "postgresql.callbacks.on_promote");
+        assert!(e.reason.starts_with("unknown key"), "{}", e.reason);
+        let e = check(&json!({"postgresql": {"callbacks": {"on_strat": "/x"}}})).unwrap_err();
+        assert!(e.reason.contains("did you mean 'on_start'"), "{}", e.reason);
     }
 
     #[test]

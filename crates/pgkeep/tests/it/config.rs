@@ -95,6 +95,23 @@ fn valid_config_prints_effective_config_with_secrets_redacted() {
 }
 
 #[test]
+fn local_callbacks_are_accepted_and_shown() {
+    let dir = TempDir::new().unwrap();
+    let text = edit(
+        "\npostgresql:\n",
+        "\npostgresql:\n  callbacks:\n    on_role_change: [/bin/true, vip-move]\n    on_start: /bin/true\n  pre_promote: /bin/true\n",
+    )
+    .replacen("tags:\n", "pgkeep:\n  callback_timeout: 12\ntags:\n", 1);
+    let p = write(&dir, "node.yml", &text, 0o600);
+    check(&p)
+        .success()
+        .stdout(predicate::str::contains("vip-move"))
+        .stdout(predicate::str::contains("on_role_change"))
+        .stdout(predicate::str::contains("callback_timeout: 12"))
+        .stdout(predicate::str::contains("callback_primary_role: master"));
+}
+
+#[test]
 fn secrets_in_a_group_readable_file_are_refused() {
     let dir = TempDir::new().unwrap();
     let p = write(&dir, "node.yml", VALID, 0o640);
@@ -140,8 +157,32 @@ fn each_bad_input_names_file_key_and_reason() {
         ),
         (
             "\npostgresql:\n",
-            "\npostgresql:\n  callbacks:\n    on_start: /bin/true\n",
-            "postgresql.callbacks",
+            "\npostgresql:\n  callbacks:\n    on_start: /no/such/script\n",
+            "postgresql.callbacks.on_start",
+            "does not exist",
+        ),
+        (
+            "\npostgresql:\n",
+            "\npostgresql:\n  callbacks:\n    on_promote: /bin/true\n",
+            "postgresql.callbacks.on_promote",
+            "unknown key",
+        ),
+        (
+            "\npostgresql:\n",
+            "\npostgresql:\n  pre_promote: \"/bin/true;reboot\"\n",
+            "postgresql.pre_promote",
+            "shell syntax",
+        ),
+        (
+            "\npostgresql:\n",
+            "\npostgresql:\n  before_stop: /bin/sh -c 'touch /tmp/x'\n",
+            "postgresql.before_stop",
+            "without a shell",
+        ),
+        (
+            "\npostgresql:\n",
+            "\npostgresql:\n  custom_conf: /etc/extra.conf\n",
+            "postgresql.custom_conf",
             "not implemented by pgkeep",
         ),
         (

@@ -2,6 +2,7 @@
 
 mod agent;
 mod api;
+mod callbacks;
 mod config;
 mod dcs;
 mod faults;
