@@ -183,8 +183,8 @@ pub(crate) fn continue_handover(cx: &mut Ctx<'_>) -> Plan {
                 .cloned()
                 .collect(),
         };
-        // The stopped primary's position is the start of its shutdown checkpoint record; a
-        // candidate that has it has received past it. A stop that was not clean has no such
+        // The stopped primary's position lies inside its shutdown checkpoint record (the shell
+        // reports the record's start + 1); a candidate that has the record is past it. A stop that was not clean has no such
         // record to wait for: no confirmation, the hand-over times out and the leader stays.
         let confirmed = h.confirmed
             || (!pg.crashed

@@ -115,7 +115,8 @@ pub struct PgObservation {
     /// Current timeline, when known.
     pub timeline: Option<u32>,
     /// Primary: flush LSN. Replica: max(receive, replay). Stopped: end of WAL from the control
-    /// file (for a cleanly stopped primary, the end of its shutdown checkpoint record).
+    /// file (for a cleanly stopped primary, a position inside its shutdown checkpoint record:
+    /// the record's start + 1).
     pub wal_position: Lsn,
     /// Replica replay LSN, when running in recovery.
     pub replay_lsn: Option<Lsn>,

@@ -46,7 +46,13 @@ impl Shell {
                 obs.crashed = !cd.state.is_clean_shutdown();
                 // A standby's checkpoint timeline lags behind a switch it replayed.
                 obs.timeline = Some(cd.timeline.max(cd.min_recovery_end_timeline));
-                obs.wal_position = cd.checkpoint.max(cd.min_recovery_end);
+                // A cleanly stopped primary's WAL ends with its shutdown checkpoint record: one
+                // byte into that record stands for it, so a record that starts exactly at a new
+                // timeline's switch point (the end-of-recovery checkpoint of a crashed primary
+                // that lost nothing) still counts as past it. pg_rewind must run then: PostgreSQL
+                // refuses to follow a timeline that forked before its checkpoint.
+                let own_record = u64::from(cd.state == ClusterState::ShutDown);
+                obs.wal_position = Lsn(cd.checkpoint.0 + own_record).max(cd.min_recovery_end);
                 obs.timeline_history = self.read_history(obs.timeline.unwrap_or(cd.timeline));
             }
             return obs;

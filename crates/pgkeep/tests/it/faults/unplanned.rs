@@ -61,6 +61,18 @@ fn host_loss(name: &str, sync: bool) {
         ],
     );
     assert_safe(&r, sync);
+    // The restarted old primary decides on a rewind before it starts PostgreSQL: started as a
+    // standby on WAL past the switch point it would serve reads from the abandoned timeline.
+    let log = b.agent_log(p);
+    let restart = log.rfind("agent started").unwrap_or(0);
+    let after = &log[restart..];
+    if let Some(rewind) = after.find("rewinding with pg_rewind") {
+        assert!(
+            !after[..rewind].contains("PostgreSQL started"),
+            "the old primary started PostgreSQL before its rewind:\n{}",
+            &after[..rewind.min(6000)]
+        );
+    }
     let first = first.expect("no write acknowledged after the failover");
     let bound = Duration::from_secs(u64::from(b.dcs.ttl + b.dcs.loop_wait) + 15);
     assert!(first - t_kill < bound, "failover took {:?}", first - t_kill);
@@ -72,7 +84,9 @@ fn host_loss(name: &str, sync: bool) {
              (otherwise this test does not exercise divergence)"
         );
         let log = b.agent_log(p);
-        if !log.contains("background operation finished op=Rewind") {
+        if !log.contains("background operation finished op=Rewind")
+            || std::env::var_os("PGKEEP_TEST_SAVE_LOGS").is_some()
+        {
             b.save_logs(name);
         }
         assert!(
