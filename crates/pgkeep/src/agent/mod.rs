@@ -5,6 +5,7 @@
 mod callbacks;
 mod control;
 mod exec;
+mod metrics;
 mod observe;
 mod ops;
 mod render;
@@ -95,6 +96,8 @@ struct Shell {
     callbacks: callbacks::CallbackState,
     /// No logical slot copy before this instant (the last attempt failed).
     slot_copy_after: Option<std::time::Instant>,
+    /// Counters and facts for `GET /metrics`.
+    metrics: crate::api::metrics::AgentMetrics,
 }
 
 impl Shell {
@@ -294,6 +297,9 @@ impl Shell {
                     break;
                 }
             }
+            let promoted =
+                self.promote_requested && decision.actions.contains(&ha::Action::Promote);
+            self.count_decision(&decision, promoted);
             self.drive_guard(decision.watchdog);
             self.publish(&obs, &snap, decision.state);
             rounds += 1;
@@ -490,6 +496,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         promote_checkpoint: None,
         callbacks: callbacks::CallbackState::default(),
         slot_copy_after: None,
+        metrics: Default::default(),
         fence_failed: false,
         controldata_stamp: None,
         watchdog: watchdog::Watchdog::new(crate::config::Watchdog {
@@ -500,6 +507,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         ops,
         cfg,
     };
+    shell.read_cert_expiry();
     if shell.watch.ready(Duration::from_secs(30)).await.is_err() {
         tracing::warn!("no DCS view after 30 s; continuing, the loop waits for it");
     }
@@ -595,6 +603,7 @@ impl Shell {
                 }
                 self.cfg = c;
                 self.layout = layout;
+                self.read_cert_expiry();
                 let standby = self.last_sql.as_ref().is_some_and(|s| s.in_recovery);
                 if let Err(e) = self.render(standby).and_then(|()| self.reload_pg()) {
                     tracing::error!(error = format!("{e:#}"), "re-rendering after reload failed");

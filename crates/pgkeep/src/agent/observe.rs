@@ -33,6 +33,7 @@ impl Shell {
         };
         obs.data_dir = self.data_dir_state().await;
         let postmaster = self.instance.running_postmaster().ok().flatten();
+        self.metrics.postmaster_start_time = postmaster.as_ref().map(|pm| pm.start_time);
         let Some(pm) = postmaster else {
             self.pg_client = None;
             self.postmaster_seen = None;

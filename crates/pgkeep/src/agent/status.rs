@@ -99,6 +99,18 @@ impl Shell {
                     .is_some_and(|l| l.name == self.cfg.name)
             })
             .map(|l| self.instant(self.ha.lease_deadline(l.sent_at, l.granted_ttl)));
+        let lease_ttl = self
+            .leader_lease
+            .filter(|_| lease_deadline.is_some())
+            .map(|l| std::time::Duration::from_millis(l.granted_ttl.0));
+        if self.watch.is_live() {
+            s.dcs_last_seen = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+        } else {
+            s.dcs_last_seen = self.api_tx.borrow().status.dcs_last_seen;
+        }
         let loop_margin = if s.role == "primary" { ttl } else { ttl * 2 };
         let snapshot = ApiSnapshot {
             status: s,
@@ -114,8 +126,20 @@ impl Shell {
             maximum_lag_on_failover: self.ha.maximum_lag_on_failover,
             cluster: Some(Arc::new(snap.view.clone())),
             member_addrs: Vec::new(),
+            metrics: self.api_metrics(sql, lease_ttl),
         };
         self.api_tx.send_replace(Arc::new(snapshot));
+    }
+
+    fn api_metrics(
+        &self,
+        sql: Option<&crate::postgres::observe::LocalPg>,
+        lease_ttl: Option<std::time::Duration>,
+    ) -> crate::api::metrics::AgentMetrics {
+        let mut m = self.metrics.clone();
+        m.lease_ttl = lease_ttl;
+        m.archiver = sql.and_then(|q| q.archiver.clone());
+        m
     }
 
     /// Replaces the DCS view in the published REST snapshot with the latest one.

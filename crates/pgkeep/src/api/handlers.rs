@@ -24,6 +24,7 @@ use super::ApiSnapshot;
 use super::auth::{self, AccessPolicy};
 use super::control::Control;
 use super::json::{cluster_json, error_body};
+use super::metrics::{self, RequestStats};
 use super::{dynconf, local, switchover};
 
 /// What every handler shares: the access policy, the agent's published state and the handle
@@ -33,6 +34,8 @@ pub(super) struct AppState {
     pub(super) policy: Arc<AccessPolicy>,
     snapshot: watch::Receiver<Arc<ApiSnapshot>>,
     pub(super) control: Option<Arc<dyn Control>>,
+    /// Request counts and latencies for `/metrics`.
+    pub(super) stats: Arc<RequestStats>,
 }
 
 impl AppState {
@@ -45,6 +48,7 @@ impl AppState {
             policy: Arc::new(policy),
             snapshot,
             control,
+            stats: Arc::new(RequestStats::default()),
         }
     }
 
@@ -66,6 +70,7 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/patroni", get(patroni))
         .route("/cluster", get(cluster))
         .route("/history", get(history))
+        .route("/metrics", get(metrics::get_metrics))
         .route(
             "/config",
             get(config)
@@ -90,6 +95,10 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/readiness", get(readiness).options(readiness))
         .fallback(health_check)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 

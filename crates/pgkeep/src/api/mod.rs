@@ -29,6 +29,7 @@
 //! | `GET /cluster` | required | 200 + cluster JSON (from the cached DCS view) |
 //! | `GET /history` | required | 200 + timeline history array |
 //! | `GET /config` | required | 200 + dynamic configuration, 502 when missing or invalid |
+//! | `GET /metrics` | required | 200 + Prometheus text format 0.0.4 (see [`metrics`]) |
 //! | `POST /switchover` `{"leader", "candidate"?, "scheduled_at"?}` | required | text: 200 `Successfully switched over to "X"` / `Switched over to "X" instead of "Y"`, 202 `Switchover scheduled`, 400/422 invalid request, 412 not possible now, 409 key changed concurrently, 503 `Switchover failed` / `... status unknown after N seconds; operation may still be in progress` / DCS write failed |
 //! | `POST /failover` `{"candidate", "leader"?}` | required | as `POST /switchover` (`Successfully failed over to "X"`); never scheduled; with `leader` it is a switchover |
 //! | `DELETE /switchover` | required | text: 200 `scheduled switchover deleted`, 404 `no switchover is scheduled`, 409 key changed concurrently |
@@ -52,8 +53,8 @@
 //!   A caller that passes the access check of the protected endpoints (see [`auth`]) gets the
 //!   full status JSON on `GET` health checks too, so tools written for Patroni keep working
 //!   when given credentials.
-//! - **Descriptive endpoints need authentication.** `/patroni`, `/cluster`, `/history` and
-//!   `/config` are behind the same access check as the state-changing endpoints (Patroni leaves
+//! - **Descriptive endpoints need authentication.** `/patroni`, `/cluster`, `/history`,
+//!   `/config` and `/metrics` are behind the same access check as the state-changing endpoints (Patroni leaves
 //!   every `GET` open). With nothing configured to authenticate callers, they answer 403
 //!   `no authentication configured` instead of being open. `HEAD /patroni` therefore is 401/403
 //!   without credentials (Patroni: 503, treating it as a health check of an unknown path).
@@ -94,6 +95,7 @@ mod dynconf;
 mod handlers;
 pub mod json;
 pub mod local;
+pub mod metrics;
 mod server;
 pub mod switchover;
 
@@ -146,6 +148,8 @@ pub struct ApiSnapshot {
     /// for `restapi.allowlist_include_members`. IP literals in `api_url` are taken from the
     /// view directly and need not be listed.
     pub member_addrs: Vec<IpAddr>,
+    /// What `/metrics` shows beyond the status JSON.
+    pub metrics: metrics::AgentMetrics,
 }
 
 impl ApiSnapshot {
@@ -162,6 +166,7 @@ impl ApiSnapshot {
             maximum_lag_on_failover: 1 << 20,
             cluster: None,
             member_addrs: Vec::new(),
+            metrics: metrics::AgentMetrics::default(),
         }
     }
 

@@ -98,6 +98,8 @@ pub struct LocalPg {
     pub slots: Vec<Slot>,
     /// Logical slots.
     pub logical_slots: Vec<LogicalSlot>,
+    /// `pg_stat_archiver` (primary only).
+    pub archiver: Option<crate::api::metrics::ArchiverStats>,
     /// Some changed parameter needs a restart.
     pub pending_restart: bool,
 }
@@ -129,6 +131,11 @@ const SLOTS_SQL: &str = "
 SELECT slot_name::text, active, (restart_lsn - '0/0')::bigint, slot_type = 'logical',
        database::text, plugin::text, (confirmed_flush_lsn - '0/0')::bigint
   FROM pg_replication_slots WHERE NOT temporary ORDER BY slot_name";
+
+const ARCHIVER_SQL: &str = "
+SELECT archived_count, failed_count, (extract(epoch FROM last_archived_time) * 1000)::bigint,
+       (extract(epoch FROM last_failed_time) * 1000)::bigint
+  FROM pg_stat_archiver";
 
 /// Connects over the Unix socket in `socket_dir` as `user` (peer authentication).
 pub async fn connect_local(
@@ -233,6 +240,20 @@ pub async fn observe(client: &Client) -> Result<LocalPg, PgError> {
             });
         }
     }
+    let archiver = if in_recovery {
+        None
+    } else {
+        client
+            .query_opt(ARCHIVER_SQL, &[])
+            .await
+            .map_err(sql_err("reading pg_stat_archiver"))?
+            .map(|r| crate::api::metrics::ArchiverStats {
+                archived_count: r.get(0),
+                failed_count: r.get(1),
+                last_archived_ms: r.get(2),
+                last_failed_ms: r.get(3),
+            })
+    };
     // A standby's replay timeline has no SQL function in PostgreSQL 15. Each of these is a
     // timeline it provably reached (the receiver streams a timeline only once recovery checked
     // the fork point), so their maximum never claims a timeline the standby is not on; the
@@ -260,6 +281,7 @@ pub async fn observe(client: &Client) -> Result<LocalPg, PgError> {
         replication,
         slots,
         logical_slots,
+        archiver,
         pending_restart: row.get(8),
     })
 }

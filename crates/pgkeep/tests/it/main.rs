@@ -8,6 +8,7 @@ mod dcs;
 mod faults;
 mod harness;
 mod local;
+mod metrics;
 mod netbed;
 mod ops;
 mod pki;
