@@ -45,13 +45,16 @@ sim: deps
 #   make bench                      10 trials per product and scenario, aggressive timings
 #   make bench TRIALS=1             quick run (a few minutes)
 #   make bench TIMINGS=aggressive,default SCENARIOS=failover BENCH_ARGS='--kill-phase-ms 500'
+#   make bench SYNC=1               the same with synchronous_mode: true for both products
 TRIALS ?= 10
 SCENARIOS ?= failover,switchover
 TIMINGS ?= aggressive
+SYNC ?=
 BENCH_ARGS ?=
 .PHONY: bench
 bench: deps
 	$(CARGO) build --locked -p pgkeep
 	$(CARGO) build --locked --release -p pgkeep-bench
 	target/release/pgkeep-bench --pgkeep-bin target/debug/pgkeep --trials $(TRIALS) \
-		--scenarios $(SCENARIOS) --timings $(TIMINGS) $(BENCH_ARGS)
+		--scenarios $(SCENARIOS) --timings $(TIMINGS) $(if $(filter 1 yes true,$(SYNC)),--sync) \
+		$(BENCH_ARGS)

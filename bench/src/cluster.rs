@@ -127,6 +127,8 @@ pub struct Cluster {
     pub pg: User,
     /// The main PID of each member's agent (pgkeep agent or Patroni), by member index.
     pub pids: Vec<Option<u32>>,
+    /// `synchronous_mode: true` is in force: a healthy cluster also has a synchronous standby.
+    pub sync: bool,
 }
 
 /// What a health check found.
@@ -134,6 +136,27 @@ pub struct Cluster {
 pub struct Health {
     /// The member answering `/primary` with 200.
     pub leader: String,
+    /// In synchronous mode: the standby the `/sync` key names and the leader's
+    /// `pg_stat_replication` shows with `sync_state = sync`.
+    pub sync_standby: Option<String>,
+}
+
+/// The `/sync` key: (leader, synchronous standbys).
+pub type SyncKey = (String, Vec<String>);
+
+/// Parses the `/sync` key's JSON (`{"leader": "node1", "sync_standby": "node2[,node3]"}`,
+/// Patroni's format, which pgkeep writes too).
+pub fn parse_sync_key(v: &Value) -> Option<SyncKey> {
+    let leader = v["leader"].as_str()?.to_owned();
+    let standbys = v["sync_standby"]
+        .as_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Some((leader, standbys))
 }
 
 impl Cluster {
@@ -196,8 +219,16 @@ impl Cluster {
         v
     }
 
+    /// The `/sync` key, if present.
+    pub async fn sync_key(&self) -> Result<Option<SyncKey>> {
+        let v = self.etcd.get_json(&format!("{}sync", self.prefix)).await?;
+        Ok(v.as_ref().and_then(parse_sync_key))
+    }
+
     /// Healthy: exactly one member answers `/primary`, and its `/patroni` lists every other
     /// member as a streaming replica (by application_name; a pg_basebackup stream is not one).
+    /// In synchronous mode also: the `/sync` key belongs to that leader and names a member
+    /// its `/patroni` shows streaming with `sync_state` `sync`.
     pub async fn health(&self) -> std::result::Result<Health, String> {
         let p = self.primaries().await;
         let [leader] = &p[..] else {
@@ -209,28 +240,48 @@ impl Cluster {
             .json(&format!("{api}/patroni"))
             .await
             .map_err(|e| format!("{e:#}"))?;
-        let streaming: Vec<&str> = status["replication"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|r| r["state"] == "streaming")
-                    .filter_map(|r| r["application_name"].as_str())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let streaming_with = |sync_only: bool| -> Vec<&str> {
+            status["replication"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|r| r["state"] == "streaming")
+                        .filter(|r| !sync_only || r["sync_state"] == "sync")
+                        .filter_map(|r| r["application_name"].as_str())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let streaming = streaming_with(false);
         let missing: Vec<&str> = self
             .members
             .iter()
             .map(|m| m.name.as_str())
             .filter(|n| n != leader && !streaming.contains(n))
             .collect();
-        if missing.is_empty() {
-            Ok(Health {
-                leader: leader.clone(),
-            })
-        } else {
-            Err(format!("leader {leader}; not streaming: {missing:?}"))
+        if !missing.is_empty() {
+            return Err(format!("leader {leader}; not streaming: {missing:?}"));
         }
+        let mut sync_standby = None;
+        if self.sync {
+            let key = self.sync_key().await.map_err(|e| format!("{e:#}"))?;
+            let sync_rep = streaming_with(true);
+            let Some((owner, names)) = key.clone().filter(|(owner, _)| owner == leader) else {
+                return Err(format!(
+                    "leader {leader}; no /sync key of this leader yet ({key:?})"
+                ));
+            };
+            let Some(s) = names.iter().find(|n| sync_rep.contains(&n.as_str())) else {
+                return Err(format!(
+                    "leader {owner}; /sync names {names:?}, pg_stat_replication sync: {sync_rep:?}"
+                ));
+            };
+            sync_standby = Some(s.clone());
+        }
+        Ok(Health {
+            leader: leader.clone(),
+            sync_standby,
+        })
     }
 
     /// Waits for [`Cluster::health`], at most `timeout`.
@@ -308,9 +359,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// Sets ttl/loop_wait/retry_timeout in the `config` key (both products watch it) and waits
-    /// until the leader holds a lease of the new TTL. Returns the lease's granted TTL.
-    pub async fn apply_timings(&self, t: Timings) -> Result<i64> {
+    /// Sets ttl/loop_wait/retry_timeout and `synchronous_mode` (`sync`) in the `config` key
+    /// (both products watch it; `synchronous_mode` is only written when it changes, so an
+    /// asynchronous run keeps the bootstrap configuration as it was) and waits until the
+    /// leader holds a lease of the new TTL and, with `sync`, the cluster is healthy with a
+    /// synchronous standby. Returns the lease's granted TTL.
+    pub async fn apply_dynamic(&mut self, t: Timings, sync: bool) -> Result<i64> {
         let key = format!("{}config", self.prefix);
         let mut cfg = self
             .etcd
@@ -323,17 +377,22 @@ impl Cluster {
             ("loop_wait", t.loop_wait),
             ("retry_timeout", t.retry_timeout),
         ];
-        if want
-            .iter()
-            .any(|(k, v)| cfg[*k].as_u64() != Some(u64::from(*v)))
+        let sync_now = cfg["synchronous_mode"].as_bool().unwrap_or(false);
+        if sync_now != sync
+            || want
+                .iter()
+                .any(|(k, v)| cfg[*k].as_u64() != Some(u64::from(*v)))
         {
             for (k, v) in want {
                 cfg[k] = Value::from(v);
             }
+            if sync_now != sync {
+                cfg["synchronous_mode"] = Value::from(sync);
+            }
             self.etcd.put_json(&key, &cfg).await?;
         }
-        let deadline =
-            Instant::now() + Duration::from_secs(3 * old_loop.max(u64::from(t.loop_wait)) + 30);
+        let budget = Duration::from_secs(3 * old_loop.max(u64::from(t.loop_wait)) + 30);
+        let deadline = Instant::now() + budget;
         loop {
             if let Some(l) = self.etcd.leader(&self.prefix).await?
                 && let Ok((remaining, granted)) = self.etcd.lease_ttl(l.lease).await
@@ -342,6 +401,15 @@ impl Cluster {
             {
                 // One more old loop so every member runs with the new loop_wait.
                 tokio::time::sleep(Duration::from_secs(old_loop.min(10))).await;
+                self.sync = sync;
+                if sync {
+                    self.wait_healthy(budget).await.with_context(|| {
+                        format!(
+                            "{}: no synchronous standby after synchronous_mode: true",
+                            self.label
+                        )
+                    })?;
+                }
                 return Ok(granted);
             }
             if Instant::now() >= deadline {
@@ -371,5 +439,28 @@ impl Cluster {
             .await
             .with_context(|| format!("{}: creating the table", self.label))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sync_keys() {
+        assert_eq!(
+            parse_sync_key(&json!({"leader": "node1", "sync_standby": "node2"})),
+            Some(("node1".into(), vec!["node2".into()]))
+        );
+        assert_eq!(
+            parse_sync_key(&json!({"leader": "n0", "sync_standby": "n1, n2", "quorum": 0})),
+            Some(("n0".into(), vec!["n1".into(), "n2".into()]))
+        );
+        assert_eq!(
+            parse_sync_key(&json!({"leader": "n0", "sync_standby": null})),
+            Some(("n0".into(), vec![]))
+        );
+        assert_eq!(parse_sync_key(&json!({"sync_standby": "n1"})), None);
     }
 }

@@ -37,6 +37,16 @@ struct Args {
     /// Kill the leader's host this many ms after a keepalive of its lease was seen.
     #[arg(long, default_value_t = 250)]
     kill_phase_ms: u64,
+    /// Synchronous replication: `synchronous_mode: true` in both products' dynamic
+    /// configuration (the etcd `config` key) for every scenario; trials start only with a
+    /// synchronous standby in place, switchovers go to it.
+    #[arg(long)]
+    sync: bool,
+    /// Stop (SIGSTOP) the leader's WAL senders this many ms before the kill (at most
+    /// --kill-phase-ms): asynchronous replication then loses the writes acknowledged
+    /// meanwhile, synchronous replication must lose none. 0 = no stall.
+    #[arg(long, default_value_t = 0)]
+    stall_ms: u64,
     /// The writer's period (one INSERT per tick).
     #[arg(long, default_value_t = 10)]
     interval_ms: u64,
@@ -295,6 +305,15 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
         .map(|t| Timings::parse(t))
         .collect::<Result<_>>()?;
     let first = *timings.first().context("--timings is empty")?;
+    if a.stall_ms > a.kill_phase_ms {
+        bail!(
+            "--stall-ms {} exceeds --kill-phase-ms {}: the stall must start after the keepalive",
+            a.stall_ms,
+            a.kill_phase_ms
+        );
+    }
+    report.sync = a.sync;
+    report.stall = (a.stall_ms > 0).then_some(a.stall_ms);
     for s in &a.scenarios {
         if s != "failover" && s != "switchover" {
             bail!("unknown scenario {s:?} (failover, switchover)");
@@ -338,6 +357,7 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
         kill_phase: Duration::from_millis(a.kill_phase_ms),
         lease_poll: Duration::from_millis(10),
         rejoin_timeout: Duration::from_secs(a.rejoin_timeout),
+        stall: (a.stall_ms > 0).then(|| Duration::from_millis(a.stall_ms)),
         raw_dir: raw.to_owned(),
     };
     let git = one_line(
@@ -359,7 +379,16 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
         ("PostgreSQL", one_line(&format!("{}/postgres", sys::PG_BIN), &["--version"]).await),
         ("etcd setup", "ONE 3-member etcd cluster shared by both products, started by `pgkeep up` (client and peer TLS, client-certificate auth, heartbeat 100 ms, election timeout 1000 ms); pgkeep under `/service/pgkbench/`, Patroni under `/service/patroni/` with a client certificate from the same CA".into()),
         ("timings", format!("{} (failover); switchovers under {}; both bootstrap with the first set (pgkeep: bootstrap.dcs of node.yml patched before the agents start); later sets go through the etcd `config` key, checked by the leader lease's granted TTL", timings.iter().map(Timings::text).collect::<Vec<_>>().join("; "), first.text())),
-        ("other dynamic settings", "maximum_lag_on_failover 1048576, use_pg_rewind, use_slots, asynchronous replication, no watchdog".into()),
+        ("replication", if a.sync {
+            "**synchronous**: `synchronous_mode: true` (synchronous_node_count 1, not strict) written to both products' etcd `config` key after bootstrap; every trial starts with the `/sync` key naming a standby that the leader's `pg_stat_replication` shows as `sync`; switchovers go to that standby; the floor pair stays asynchronous (a 2-node pair has no standby left after its switch)".to_owned()
+        } else {
+            "asynchronous (`synchronous_mode` not set)".to_owned()
+        }),
+        ("replication stall", match a.stall_ms {
+            0 => "none".to_owned(),
+            ms => format!("the leader's WAL senders SIGSTOPped {ms} ms before the kill ({} ms after the keepalive): the replicas miss what the primary acknowledges meanwhile (asynchronous) or the primary acknowledges nothing (synchronous)", a.kill_phase_ms - ms),
+        }),
+        ("other dynamic settings", "maximum_lag_on_failover 1048576, use_pg_rewind, use_slots, no watchdog".into()),
         ("health checks / HAProxy", "no HAProxy: the client connects to the members directly; the harness's health check is REST `GET /primary` (200 on exactly one member) plus the leader's `/patroni` listing the other two as streaming".into()),
         ("client", format!("Rust tokio-postgres 0.7 + rustls: CA chain and host name verified (verify-full), SCRAM password, TLS ≥ 1.2; libpq-style multi-host list in member order with target_session_attrs=read-write; own connect deadline {} ms per attempt over all hosts; one autocommit INSERT every {} ms; after any error it reconnects at the next tick; commits are never cancelled (30 s safety limit, then outcome unknown)", a.connect_deadline_ms, a.interval_ms)),
         ("failover method", format!("the leader's host = its cgroup (agent + postmaster + all backends + helpers) killed at once with cgroup.kill, {} ms after a keepalive of the leader lease was seen (LeaseTimeToLive polled every 10 ms: the remaining TTL rises); expiry and new leader key from a watch on the leader key; the killed node restarted afterwards and the next trial starts on a healthy cluster (3 members streaming)", a.kill_phase_ms)),
@@ -408,13 +437,13 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
             ..FailoverSet::default()
         };
         let mut ready = usable;
-        for (i, c) in [&*k, &*p].into_iter().enumerate() {
+        for (i, c) in [&mut *k, &mut *p].into_iter().enumerate() {
             if !usable[i] {
                 set.applied
                     .push(format!("{}: skipped (cluster unusable)", c.label));
                 continue;
             }
-            match c.apply_timings(*t).await {
+            match c.apply_dynamic(*t, a.sync).await {
                 Ok(g) => set.applied.push(format!(
                     "{}: leader lease granted TTL {g} s; config key {}",
                     c.label,
@@ -422,8 +451,11 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
                 )),
                 Err(e) => {
                     ready[i] = false;
-                    set.applied
-                        .push(format!("{}: timings NOT applied: {e:#}", c.label));
+                    set.applied.push(format!(
+                        "{}: timings{} NOT applied: {e:#}",
+                        c.label,
+                        if a.sync { " / synchronous_mode" } else { "" }
+                    ));
                 }
             }
         }
@@ -513,10 +545,17 @@ async fn failovers(
                 .map_err(|e| format!("{e:#}"));
             match &r {
                 Ok(row) => eprintln!(
-                    "    kill→expiry {} expiry→ack {} kill→ack {} rejoin {}",
+                    "    {} → {}{} kill→expiry {} expiry→ack {} kill→ack {} lost {} rejoin {}",
+                    row.old,
+                    row.new,
+                    row.sync_standby
+                        .as_ref()
+                        .map_or(String::new(), |n| format!(" (sync: {})", n.join(","))),
                     secs(row.kill_to_expiry),
                     secs(row.expiry_to_ack),
                     secs(row.kill_to_ack),
+                    row.loss
+                        .map_or("?".into(), |l| format!("{} of {}", l.lost, l.acked)),
                     row.rejoin
                 ),
                 Err(e) => eprintln!("    failed: {e}"),

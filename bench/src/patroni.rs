@@ -292,6 +292,7 @@ pub async fn up(
         },
         pg: pg.clone(),
         pids: vec![None; 3],
+        sync: false,
     };
     for name in names {
         cluster.start(name).await?;

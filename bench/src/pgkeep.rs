@@ -137,6 +137,7 @@ pub async fn up(
         },
         pg: pg.clone(),
         pids: vec![None; n],
+        sync: false,
     };
     if boot != Timings::AGGRESSIVE {
         for name in &names {

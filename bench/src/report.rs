@@ -46,6 +46,10 @@ pub struct Report {
     pub switchover: Option<SwitchSet>,
     /// Errors and remarks.
     pub notes: Vec<String>,
+    /// The run used `synchronous_mode: true`.
+    pub sync: bool,
+    /// WAL senders stopped this many ms before each kill.
+    pub stall: Option<u64>,
 }
 
 /// A per-trial measurement.
@@ -126,7 +130,8 @@ impl Report {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "# pgkeep vs Patroni: failover and switchover\n\n{}\n",
+            "# pgkeep vs Patroni: failover and switchover, {}\n\n{}\n",
+            self.mode(),
             self.header
         );
         let _ = writeln!(o, "## Settings\n\n| setting | value |\n| --- | --- |");
@@ -142,7 +147,7 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "## Targets (issue 5)\n\n| target | verdict |\n| --- | --- |"
+            "\n## Targets (issue 5)\n\n| target | verdict |\n| --- | --- |"
         );
         for (t, v) in &targets {
             let _ = writeln!(o, "| {t} | {v} |");
@@ -156,6 +161,19 @@ impl Report {
         o
     }
 
+    /// `synchronous replication` / `asynchronous replication`, with the stall if any.
+    pub fn mode(&self) -> String {
+        let mut m = if self.sync {
+            "synchronous replication (synchronous_mode: true)".to_owned()
+        } else {
+            "asynchronous replication".to_owned()
+        };
+        if let Some(ms) = self.stall {
+            let _ = write!(m, ", WAL senders stopped {ms} ms before each kill");
+        }
+        m
+    }
+
     fn failover_section(
         &self,
         o: &mut String,
@@ -165,7 +183,12 @@ impl Report {
         let Some(t) = set.timings else {
             return;
         };
-        let _ = writeln!(o, "\n## Failover (host loss), {}\n", t.text());
+        let _ = writeln!(
+            o,
+            "\n## Failover (host loss), {}, {}\n",
+            t.text(),
+            self.mode()
+        );
         for a in &set.applied {
             let _ = writeln!(o, "- {a}");
         }
@@ -178,12 +201,22 @@ impl Report {
                 match r {
                     Ok(r) => {
                         let (lost, unknown) = loss_cells(&r.loss);
+                        let mut new = r.new.clone();
+                        if let Some(names) = &r.sync_standby {
+                            let _ = write!(new, " (sync: {})", names.join(","));
+                        }
+                        let mut note = r.note.trim().to_owned();
+                        if let Some((n, before)) = r.stall {
+                            note = format!(
+                                "{n} WAL senders stopped {:.0} ms before the kill. {note}",
+                                before * 1000.0
+                            );
+                        }
                         let _ = writeln!(
                             o,
-                            "| {label} | {} | {} → {} | {:.0} ±{:.0} | {} | {} | {} | {} | {} | {} | {} | {lost} | {unknown} | {} | {} |",
+                            "| {label} | {} | {} → {new} | {:.0} ±{:.0} | {} | {} | {} | {} | {} | {} | {} | {lost} | {unknown} | {} | {} |",
                             r.trial,
                             r.old,
-                            r.new,
                             r.phase * 1000.0,
                             r.phase_uncertainty * 1000.0,
                             s3(r.keepalive_period),
@@ -194,7 +227,7 @@ impl Report {
                             s3(r.kill_to_new_key),
                             s3(r.client_gap),
                             r.rejoin,
-                            r.note
+                            note.trim()
                         );
                     }
                     Err(e) => {
@@ -250,13 +283,45 @@ impl Report {
             ),
             verdict(a.zip(b).map(|(a, b)| a < b)),
         ));
-        targets.push((
-            format!(
-                "{}: no acknowledged write lost by pgkeep in host loss (async; {kl} of {ka})",
-                t.text()
-            ),
-            verdict((ka > 0).then_some(kl == 0)),
-        ));
+        if self.sync {
+            for (label, rows, acked, lost) in [("pgkeep", &k, ka, kl), ("Patroni", &p, pa, pl)] {
+                targets.push((
+                    format!(
+                        "{}: synchronous mode: no acknowledged write lost by {label} in host loss ({lost} lost of {acked} acknowledged)",
+                        t.text()
+                    ),
+                    verdict((acked > 0).then_some(lost == 0)),
+                ));
+                let to_sync = rows
+                    .iter()
+                    .filter(|r| r.sync_standby.as_ref().is_some_and(|n| n.contains(&r.new)))
+                    .count();
+                targets.push((
+                    format!(
+                        "{}: synchronous mode: {label} promoted the synchronous standby ({to_sync} of {} trials)",
+                        t.text(),
+                        rows.len()
+                    ),
+                    verdict((!rows.is_empty()).then_some(to_sync == rows.len())),
+                ));
+            }
+        } else if self.stall.is_some() {
+            targets.push((
+                format!(
+                    "{}: asynchronous with the replication stalled (context: the stalled commits are lost by design): pgkeep {kl} of {ka}, Patroni {pl} of {pa}",
+                    t.text()
+                ),
+                "(context)",
+            ));
+        } else {
+            targets.push((
+                format!(
+                    "{}: no acknowledged write lost by pgkeep in host loss (async; {kl} of {ka})",
+                    t.text()
+                ),
+                verdict((ka > 0).then_some(kl == 0)),
+            ));
+        }
     }
 
     fn switch_section(
@@ -267,7 +332,12 @@ impl Report {
     ) {
         let _ = writeln!(
             o,
-            "\n## Switchover (`POST /switchover`, client write gap measured directly)\n"
+            "\n## Switchover (`POST /switchover`, client write gap measured directly), {}\n",
+            if self.sync {
+                "synchronous replication (to the synchronous standby; the floor stays asynchronous)"
+            } else {
+                "asynchronous replication"
+            }
         );
         if let Some(u) = &sw.pgkeep_unsupported {
             let _ = writeln!(o, "- pgkeep: **not supported by this pgkeep build** ({u})");
@@ -358,14 +428,23 @@ impl Report {
             r2(ratio(gp, gf)),
         );
         let (ka, kl) = lost_total(&k, |r| &r.loss);
+        let (pa, pl) = lost_total(&p, |r| &r.loss);
         let _ = writeln!(
             o,
-            "\nAcknowledged writes lost in switchovers: pgkeep {kl} of {ka}, Patroni {} of {}, floor {} of {}.\n",
-            lost_total(&p, |r| &r.loss).1,
-            lost_total(&p, |r| &r.loss).0,
+            "\nAcknowledged writes lost in switchovers: pgkeep {kl} of {ka}, Patroni {pl} of {pa}, floor {} of {}.\n",
             lost_total(&f, |r| &r.loss).1,
             lost_total(&f, |r| &r.loss).0,
         );
+        if self.sync {
+            for (label, acked, lost) in [("pgkeep", ka, kl), ("Patroni", pa, pl)] {
+                targets.push((
+                    format!(
+                        "synchronous mode: no acknowledged write lost by {label} in switchovers ({lost} lost of {acked} acknowledged)"
+                    ),
+                    verdict((acked > 0).then_some(lost == 0)),
+                ));
+            }
+        }
         targets.push((
             format!(
                 "switchover write gap within 1.5× the floor (pgkeep/floor = {})",
@@ -410,5 +489,50 @@ mod tests {
         let md = r.markdown();
         assert!(md.contains("not supported by this pgkeep build"));
         assert!(md.contains("| pgkeep gap / floor gap | n/a |"));
+    }
+
+    #[test]
+    fn report_counts_sync_losses() {
+        let row = |new: &str, acked, lost| FailoverRow {
+            trial: 1,
+            old: "node1".into(),
+            new: new.into(),
+            sync_standby: Some(vec!["node2".into()]),
+            stall: Some((2, 1.0)),
+            loss: Some(Loss {
+                acked,
+                lost,
+                ..Loss::default()
+            }),
+            ..FailoverRow::default()
+        };
+        let r = Report {
+            sync: true,
+            stall: Some(1000),
+            failover: vec![FailoverSet {
+                timings: Some(Timings::AGGRESSIVE),
+                pgkeep: vec![Ok(row("node2", 500, 0))],
+                patroni: vec![Ok(row("node3", 400, 3))],
+                ..FailoverSet::default()
+            }],
+            ..Report::default()
+        };
+        let md = r.markdown();
+        assert!(md.contains("synchronous_mode: true"), "{md}");
+        assert!(md.contains("node1 → node2 (sync: node2)"), "{md}");
+        assert!(
+            md.contains("2 WAL senders stopped 1000 ms before the kill"),
+            "{md}"
+        );
+        assert!(md.contains("no acknowledged write lost by pgkeep in host loss (0 lost of 500 acknowledged) | **met**"), "{md}");
+        assert!(md.contains("no acknowledged write lost by Patroni in host loss (3 lost of 400 acknowledged) | **not met**"), "{md}");
+        assert!(
+            md.contains("Patroni promoted the synchronous standby (0 of 1 trials) | **not met**"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| acknowledged writes lost (all trials) | 0 of 500 | 3 of 400 | |"),
+            "{md}"
+        );
     }
 }

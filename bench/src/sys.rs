@@ -214,6 +214,20 @@ pub fn cgroup_procs(dir: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The WAL senders among the processes of cgroup `dir` (process title
+/// `postgres: [cluster: ]walsender ...`).
+pub fn walsenders(dir: &Path) -> Vec<u32> {
+    cgroup_procs(dir)
+        .into_iter()
+        .filter(|p| {
+            fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                let title = String::from_utf8_lossy(&c);
+                title.starts_with("postgres: ") && title.contains("walsender ")
+            })
+        })
+        .collect()
+}
+
 /// SIGKILLs every process of cgroup `dir` at once (`cgroup.kill`).
 pub fn cgroup_kill(dir: &Path) -> Result<()> {
     fs::write(dir.join("cgroup.kill"), "1")

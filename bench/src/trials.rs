@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
 use serde_json::json;
 
 use crate::client::{self, Attempt, Loss, Writer, WriterSettings};
 use crate::cluster::{Cluster, Timings};
 use crate::etcd;
-use crate::sys::now;
+use crate::sys::{self, now};
 
 /// Settings shared by every trial.
 #[derive(Debug, Clone)]
@@ -23,6 +24,11 @@ pub struct Settings {
     pub lease_poll: Duration,
     /// How long a node may take to rejoin before it is re-cloned.
     pub rejoin_timeout: Duration,
+    /// Stop (SIGSTOP) the leader's WAL senders this long before the kill (at most
+    /// `kill_phase`, so it still follows the keepalive): the replicas fall behind, so
+    /// asynchronous replication loses what the primary acknowledged meanwhile and
+    /// synchronous replication acknowledges nothing.
+    pub stall: Option<Duration>,
     /// Where the writer logs go.
     pub raw_dir: PathBuf,
 }
@@ -44,6 +50,10 @@ pub struct FailoverRow {
     pub keepalive_period: Option<f64>,
     /// Processes killed with the host.
     pub killed: usize,
+    /// Synchronous mode: the standbys the `/sync` key named just before the kill.
+    pub sync_standby: Option<Vec<String>>,
+    /// With a stall: (WAL senders stopped, their stop → the kill in s).
+    pub stall: Option<(usize, f64)>,
     /// Kill → leader key deleted (lease expired) or replaced, as seen by a watch (s).
     pub kill_to_expiry: Option<f64>,
     /// Expiry → first acknowledged write (s).
@@ -106,6 +116,14 @@ async fn finish_writer(w: Writer, raw: PathBuf) -> Result<Vec<Attempt>> {
     Ok(log)
 }
 
+/// Sleeps until wall-clock time `t` (epoch seconds); returns at once if it passed.
+async fn sleep_until(t: f64) {
+    let wait = t - now();
+    if wait > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    }
+}
+
 /// Kills the leader's host at a fixed phase after its lease keepalive, measures, brings the
 /// host back.
 pub async fn failover(
@@ -115,7 +133,8 @@ pub async fn failover(
     s: &Settings,
 ) -> Result<FailoverRow> {
     let h = c.wait_healthy(Duration::from_secs(180)).await?;
-    let run = run_id(c, &format!("failover-ttl{}", t.ttl), trial);
+    let what = if c.sync { "failover-sync" } else { "failover" };
+    let run = run_id(c, &format!("{what}-ttl{}", t.ttl), trial);
     let writer = Writer::start(c.app.clone(), run.clone(), s.writer);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader = c.etcd.leader(&c.prefix).await?.context("no leader key")?;
@@ -144,11 +163,40 @@ pub async fn failover(
             return Err(e);
         }
     };
-    let wait = renewal.seen + s.kill_phase.as_secs_f64() - now();
-    if wait > 0.0 {
-        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    let sync_standby = if c.sync {
+        match c.sync_key().await {
+            Ok(Some((owner, names))) if owner == leader.name => Some(names),
+            Ok(_) => Some(Vec::new()),
+            Err(e) => {
+                let _ = finish_writer(writer, s.raw_dir.join(format!("{run}.log"))).await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    let t_target = renewal.seen + s.kill_phase.as_secs_f64();
+    let mut stopped: Vec<u32> = Vec::new();
+    let mut t_stall = None;
+    if let Some(stall) = s.stall {
+        sleep_until(t_target - stall.as_secs_f64()).await;
+        stopped = sys::walsenders(&c.members[c.index(&leader.name)?].cgroup);
+        for p in &stopped {
+            sys::signal(*p, Signal::SIGSTOP);
+        }
+        t_stall = Some(now());
     }
-    let (t_kill, killed) = c.kill_host(&leader.name).await?;
+    sleep_until(t_target).await;
+    let (t_kill, killed) = match c.kill_host(&leader.name).await {
+        Ok(k) => k,
+        Err(e) => {
+            for p in &stopped {
+                sys::signal(*p, Signal::SIGCONT);
+            }
+            let _ = finish_writer(writer, s.raw_dir.join(format!("{run}.log"))).await;
+            return Err(e);
+        }
+    };
     let mut row = FailoverRow {
         trial,
         old: leader.name.clone(),
@@ -156,6 +204,8 @@ pub async fn failover(
         phase_uncertainty: renewal.seen - renewal.previous_poll,
         keepalive_period: renewal.period,
         killed,
+        sync_standby,
+        stall: t_stall.map(|t| (stopped.len(), t_kill - t)),
         ..FailoverRow::default()
     };
     let deadline = Instant::now() + Duration::from_secs(u64::from(3 * t.ttl) + 60);
@@ -185,6 +235,13 @@ pub async fn failover(
         && Some(f.port) == old_port
     {
         row.note = "first write after the kill was acknowledged by the killed primary?!".into();
+    }
+    if let Some(names) = &row.sync_standby
+        && !row.new.is_empty()
+        && !names.contains(&row.new)
+    {
+        row.note
+            .push_str(" the new leader was NOT the synchronous standby named in /sync");
     }
     row.kill_to_expiry = expiry.map(|e| e - t_kill);
     row.kill_to_new_key = takeover.map(|e| e - t_kill);
@@ -216,12 +273,24 @@ pub async fn failover(
 pub async fn switchover(c: &mut Cluster, trial: usize, s: &Settings) -> Result<Switch> {
     let h = c.wait_healthy(Duration::from_secs(180)).await?;
     let li = c.index(&h.leader)?;
-    let cand = c.members[(li + 1) % c.members.len()].name.clone();
+    // In synchronous mode both products only switch over to a synchronous standby.
+    let cand = match &h.sync_standby {
+        Some(s) => s.clone(),
+        None => c.members[(li + 1) % c.members.len()].name.clone(),
+    };
     let (old_port, new_port) = (
         c.app.port_of(&h.leader).context("leader port")?,
         c.app.port_of(&cand).context("candidate port")?,
     );
-    let run = run_id(c, "switchover", trial);
+    let run = run_id(
+        c,
+        if c.sync {
+            "switchover-sync"
+        } else {
+            "switchover"
+        },
+        trial,
+    );
     let writer = Writer::start(c.app.clone(), run.clone(), s.writer);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let url = format!("{}/switchover", c.members[li].api);
