@@ -223,6 +223,8 @@ fn failing_switchover(b: &Bed, leader: usize, candidate: usize) -> (u16, String)
          request ({samples} samples of node {candidate}, never out of recovery)",
         t.elapsed()
     );
+    // The candidate held the key for a moment but never ran as a primary: not a success.
+    assert_eq!(answer.0, 503, "{answer:?}");
     let lines_c = lines(&s[candidate]);
     assert!(
         !lines_c[from[candidate]..]
@@ -266,9 +268,17 @@ fn local_callbacks_on_a_real_cluster() {
     let from = [lines(&s[0]).len(), lines(&s[1]).len()];
     let body = serde_json::json!({"leader": name(0), "candidate": name(1)});
     let url = format!("{}/switchover", c.agents[0].api_base());
-    let resp = rt
-        .block_on(client.post_json(&url, &body.to_string()))
-        .unwrap();
+    // Right after the start the candidate's member key may not show it streaming yet (412).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let resp = loop {
+        let resp = rt
+            .block_on(client.post_json(&url, &body.to_string()))
+            .unwrap();
+        if resp.status != 412 || Instant::now() > deadline {
+            break resp;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert_eq!(resp.status, 200, "{}", resp.text());
     c.wait(
         "node 1 primary, node 0 streaming",

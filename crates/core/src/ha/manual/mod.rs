@@ -427,7 +427,8 @@ pub fn view_revision(view: &ClusterView) -> i64 {
 /// once decided, `None` while it is still going. `written_revision` is the etcd revision of the
 /// `/failover` write, so that a view older than the write is not read as "request cleared".
 ///
-/// - Another member holds the lock: 200 `Successfully switched over to "X"` (`failed over` for
+/// - Another member holds the lock and its member key says it runs as a primary: 200
+///   `Successfully switched over to "X"` (`failed over` for
 ///   a failover), or 200 `Switched over to "X" instead of "Y"` when it is not the candidate.
 /// - The view includes the write and no request is pending any more, with the lock unchanged:
 ///   503 `Switchover failed` (the leader refused or gave up).
@@ -437,8 +438,16 @@ pub fn outcome(
     written_revision: i64,
 ) -> Option<(u16, String)> {
     let kind = accepted.kind;
+    // The new holder must also say it runs as a primary: a candidate can hold the key for a
+    // moment and give it back (a failed pre_promote) without ever promoting.
     if let Some(l) = &view.leader
         && Some(&l.name) != accepted.current_leader.as_ref()
+        && view.members.get(&l.name).is_some_and(|m| {
+            matches!(
+                m.data.role.as_str(),
+                "primary" | "master" | "standby_leader"
+            )
+        })
     {
         let text = match &accepted.request.member {
             Some(c) if *c != l.name => format!(

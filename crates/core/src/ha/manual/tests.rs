@@ -293,14 +293,33 @@ fn outcomes() {
     let mut gone = view_with(vec![pending(), entry("members/node2", "{}", 22)]);
     gone.leader = None;
     assert_eq!(outcome(&sw, &gone, written), None);
-    // A new leader.
-    let node2 = view_with(vec![entry("leader", "node2", 30)]);
+    // The candidate holds the key but has not promoted (it may still give the key back, as
+    // after a failed pre_promote): keep waiting.
+    let holding = view_with(vec![pending(), entry("leader", "node2", 30)]);
+    assert_eq!(outcome(&sw, &holding, written), None);
+    // ... and once it cleared the request without promoting, the switchover failed.
+    let gave_up = view_with(vec![
+        entry("failover", "{}", 31),
+        entry("leader", "node2", 30),
+    ]);
+    assert_eq!(
+        outcome(&sw, &gave_up, written),
+        says(503, "Switchover failed")
+    );
+    // A new leader running as primary.
+    let node2 = view_with(vec![
+        entry("leader", "node2", 30),
+        member("node2", "primary", "running", ""),
+    ]);
     let to2 = "Successfully switched over to \"node2\"";
     assert_eq!(outcome(&sw, &node2, written), says(200, to2));
     assert_eq!(outcome(&any, &node2, written), says(200, to2));
     let fo2 = "Successfully failed over to \"node2\"";
     assert_eq!(outcome(&fo, &node2, written), says(200, fo2));
-    let node3 = view_with(vec![entry("leader", "node3", 30)]);
+    let node3 = view_with(vec![
+        entry("leader", "node3", 30),
+        member("node3", "master", "running", ""),
+    ]);
     let sw3 = "Switched over to \"node3\" instead of \"node2\"";
     assert_eq!(outcome(&sw, &node3, written), says(200, sw3));
     let fo3 = "Failed over to \"node3\" instead of \"node2\"";

@@ -445,6 +445,10 @@ fn spawn_post(
     })
 }
 
+/// A member key of a node that runs as a primary.
+const PROMOTED: &str =
+    r#"{"api_url":"https://127.0.0.3:8008/patroni","state":"running","role":"primary"}"#;
+
 #[tokio::test]
 async fn immediate_requests_wait_for_the_leader_to_change() {
     let control = FakeControl::new(Duration::from_secs(4));
@@ -488,7 +492,21 @@ async fn immediate_requests_wait_for_the_leader_to_change() {
     srv.set(s);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!answer.is_finished());
-    srv.set(leader_with(&[rev_entry("leader", "node2", WRITTEN + 3)]));
+    // node2 holds the key but has not promoted yet (it could still give the key back).
+    srv.set(leader_with(&[
+        rev_entry(
+            "failover",
+            r#"{"leader":"node1","member":"node2"}"#,
+            WRITTEN,
+        ),
+        rev_entry("leader", "node2", WRITTEN + 3),
+    ]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!answer.is_finished());
+    srv.set(leader_with(&[
+        rev_entry("leader", "node2", WRITTEN + 3),
+        rev_entry("members/node2", PROMOTED, WRITTEN + 4),
+    ]));
     assert_eq!(
         answer.await.unwrap(),
         (200, "Successfully switched over to \"node2\"".into())
@@ -499,7 +517,10 @@ async fn immediate_requests_wait_for_the_leader_to_change() {
     let answer = spawn_post(&admin, srv.url("/failover"), r#"{"candidate":"node2"}"#);
     control.await_writes(2).await;
     assert_eq!(control.writes()[1].0.leader, None);
-    srv.set(leader_with(&[rev_entry("leader", "node3", WRITTEN + 3)]));
+    srv.set(leader_with(&[
+        rev_entry("leader", "node3", WRITTEN + 3),
+        rev_entry("members/node3", PROMOTED, WRITTEN + 4),
+    ]));
     assert_eq!(
         answer.await.unwrap(),
         (200, "Failed over to \"node3\" instead of \"node2\"".into())
