@@ -13,7 +13,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use pgkeep_core::ha::{SlotAdvance, StartRole};
 
 use super::Shell;
-use crate::postgres::StopMode;
 use crate::postgres::observe::connect_local_db;
 
 /// `SLOT_MAGIC` of PostgreSQL's `ReplicationSlotOnDisk`.
@@ -163,24 +162,29 @@ impl Shell {
             Vec::new()
         };
         tracing::warn!(slots = ?names, %from, wal_segments = staged.len(), "restarting this replica to load logical slot copies");
-        self.stop_pg(StopMode::Fast).await?;
         let replslot = self.layout.data_dir.join("pg_replslot");
-        for (name, state, _) in &files {
-            install_state(&replslot, name, state)
-                .with_context(|| format!("installing slot {name}"))?;
-        }
         let pg_wal = self.layout.data_dir.join("pg_wal");
-        for seg in &staged {
-            let to = pg_wal.join(seg);
-            if !to.exists() {
-                std::fs::rename(staging.join(seg), &to)
-                    .with_context(|| format!("moving WAL segment {seg} into place"))?;
+        let install = || -> Result<()> {
+            for (name, state, _) in &files {
+                install_state(&replslot, name, state)
+                    .with_context(|| format!("installing slot {name}"))?;
             }
-        }
-        std::fs::File::open(&pg_wal)?.sync_all()?;
-        let _ = std::fs::remove_dir_all(&staging);
-        let upstream = self.upstream.clone();
-        self.start_pg(&StartRole::Replica { upstream }).await?;
+            for seg in &staged {
+                let to = pg_wal.join(seg);
+                if !to.exists() {
+                    std::fs::rename(staging.join(seg), &to)
+                        .with_context(|| format!("moving WAL segment {seg} into place"))?;
+                }
+            }
+            std::fs::File::open(&pg_wal)?.sync_all()?;
+            let _ = std::fs::remove_dir_all(&staging);
+            Ok(())
+        };
+        let role = StartRole::Replica {
+            upstream: self.upstream.clone(),
+        };
+        // A restart as any other: before_stop and on_restart callbacks run.
+        self.restart_pg_with(&role, install).await?;
         tracing::info!(slots = ?names, "logical slot copies loaded");
         Ok(())
     }

@@ -438,17 +438,22 @@ pub fn outcome(
     written_revision: i64,
 ) -> Option<(u16, String)> {
     let kind = accepted.kind;
-    // The new holder must also say it runs as a primary: a candidate can hold the key for a
-    // moment and give it back (a failed pre_promote) without ever promoting.
     if let Some(l) = &view.leader
         && Some(&l.name) != accepted.current_leader.as_ref()
-        && view.members.get(&l.name).is_some_and(|m| {
+    {
+        // The new holder must also say it runs as a primary: a candidate can hold the key for
+        // a moment and give it back (a failed pre_promote) without ever promoting. Until one or
+        // the other shows, keep waiting (the new leader clears the request in the same cycle
+        // that first publishes it as primary, so the clearing alone decides nothing).
+        let promoted = view.members.get(&l.name).is_some_and(|m| {
             matches!(
                 m.data.role.as_str(),
                 "primary" | "master" | "standby_leader"
             )
-        })
-    {
+        });
+        if !promoted {
+            return None;
+        }
         let text = match &accepted.request.member {
             Some(c) if *c != l.name => format!(
                 "{} over to \"{}\" instead of \"{c}\"",

@@ -297,11 +297,16 @@ fn outcomes() {
     // after a failed pre_promote): keep waiting.
     let holding = view_with(vec![pending(), entry("leader", "node2", 30)]);
     assert_eq!(outcome(&sw, &holding, written), None);
-    // ... and once it cleared the request without promoting, the switchover failed.
-    let gave_up = view_with(vec![
+    // The request cleared, the key still with node2 but no primary shown yet: still waiting
+    // (a new leader clears the request in the cycle that first publishes it as primary).
+    let cleared_by_2 = view_with(vec![
         entry("failover", "{}", 31),
         entry("leader", "node2", 30),
     ]);
+    assert_eq!(outcome(&sw, &cleared_by_2, written), None);
+    // node2 gave the key back without promoting: the switchover failed.
+    let mut gave_up = view_with(vec![entry("failover", "{}", 32)]);
+    gave_up.leader = None;
     assert_eq!(
         outcome(&sw, &gave_up, written),
         says(503, "Switchover failed")

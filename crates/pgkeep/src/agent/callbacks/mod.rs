@@ -192,10 +192,21 @@ impl Shell {
         &mut self,
         role: &pgkeep_core::ha::StartRole,
     ) -> anyhow::Result<()> {
+        self.restart_pg_with(role, || Ok(())).await
+    }
+
+    /// [`Shell::restart_pg`], running `between` while PostgreSQL is stopped (files that must be
+    /// in place when it starts); its error leaves PostgreSQL stopped.
+    pub(super) async fn restart_pg_with(
+        &mut self,
+        role: &pgkeep_core::ha::StartRole,
+        between: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         self.before_stop().await;
         self.callbacks.restarting = true;
         let result = async {
             self.stop_pg(StopMode::Fast).await?;
+            between()?;
             self.start_pg(role).await
         }
         .await;
