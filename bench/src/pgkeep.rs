@@ -50,7 +50,15 @@ pub async fn up(
     let dir_s = dir.to_string_lossy().into_owned();
     // etcd members inherit this cgroup.
     let out = Cmd::new(&bin_s)
-        .args(["up", "--dir", &dir_s, "--cluster", CLUSTER, "--no-agents"])
+        .args([
+            "up",
+            "--dir",
+            &dir_s,
+            "--cluster",
+            CLUSTER,
+            "--no-agents",
+            "--no-haproxy",
+        ])
         .cgroup(&cg.group("etcd")?)
         .timeout(Duration::from_secs(120))
         .output()
@@ -152,7 +160,7 @@ pub async fn up(
     wait_config(&cluster, boot).await?;
     // Finds the agents running, waits for health, creates the app and admin roles.
     let out = Cmd::new(&bin_s)
-        .args(["up", "--dir", &dir_s, "--timeout", "180"])
+        .args(["up", "--dir", &dir_s, "--timeout", "180", "--no-haproxy"])
         .cgroup(&cg.group("pgkeep-up")?)
         .timeout(Duration::from_secs(240))
         .output()

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dcs;
 pub mod fsutil;
 pub mod guard;
+pub mod haproxy;
 pub mod inventory;
 pub mod local;
 pub mod pki;

@@ -30,6 +30,8 @@ enum Command {
     Down(cli::up::DownArgs),
     /// Operator CLI: list, switch over, pause, restart, reinitialize, edit the configuration.
     Ctl(cli::ctl::CtlArgs),
+    /// Configuration for the components around the cluster (HAProxy), printed to stdout.
+    Render(cli::render::RenderArgs),
     /// The fence guard the agent starts beside itself (not for direct use).
     #[command(hide = true)]
     FenceGuard {
@@ -61,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Up(a) => cli::up::run_up(a),
         Command::Down(a) => cli::up::run_down(a),
         Command::Ctl(a) => cli::ctl::run(a),
+        Command::Render(a) => cli::render::run(a),
         Command::FenceGuard {
             state,
             config_dir,

@@ -4,4 +4,5 @@
 pub mod config;
 pub mod ctl;
 pub mod pki;
+pub mod render;
 pub mod up;

@@ -1,7 +1,8 @@
 //! `pgkeep up` and `pgkeep down`: the local secure environment (see [`crate::local`]).
 //!
 //! ```text
-//! pgkeep up   [--dir D] [--cluster NAME] [--ca-cert FILE --ca-key FILE] [--timeout SECS] [--no-agents]
+//! pgkeep up   [--dir D] [--cluster NAME] [--ca-cert FILE --ca-key FILE] [--timeout SECS]
+//!             [--no-agents] [--no-haproxy]
 //! pgkeep down [--dir D] [--purge] [--timeout SECS]
 //! ```
 
@@ -40,6 +41,9 @@ pub struct UpArgs {
     /// Write the files, the /etc/hosts block and start etcd, but no agents.
     #[arg(long)]
     pub no_agents: bool,
+    /// Do not start HAProxy (the write and read ports in front of the agents).
+    #[arg(long)]
+    pub no_haproxy: bool,
 }
 
 /// `pgkeep down`.
@@ -64,6 +68,7 @@ pub fn run_up(a: UpArgs) -> Result<()> {
         organisation_ca: a.ca_cert.zip(a.ca_key),
         timeout: Duration::from_secs(a.timeout),
         agents: !a.no_agents,
+        haproxy: !a.no_haproxy,
     })
 }
 

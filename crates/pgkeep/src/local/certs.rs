@@ -122,12 +122,20 @@ fn ensure(
     Ok(p)
 }
 
-/// Issues every certificate of the environment that does not exist yet.
+/// HAProxy's client certificate for its checks (`haproxy-<lb>`, CN `haproxy-<lb>`), in
+/// `D/haproxy`.
+pub fn haproxy_client(layout: &Layout, lb: &str) -> Pair {
+    pair(&layout.haproxy_dir(), Service::HaProxy, lb)
+}
+
+/// Issues every certificate of the environment that does not exist yet (HAProxy's only when
+/// its user is given).
 pub fn issue_all(
     layout: &Layout,
     inv: &Inventory,
     postgres: &ServiceUser,
     etcd: &ServiceUser,
+    haproxy: Option<&ServiceUser>,
 ) -> Result<()> {
     let ca = ca(layout, inv)?;
     let none = || (Vec::new(), Vec::new());
@@ -169,6 +177,23 @@ pub fn issue_all(
         super::files::dir(&dir, 0o700, Some(etcd))?;
         let sans = (vec![inv.fqdn(&m.name)], vec![m.address]);
         ensure(&ca, &dir, Service::EtcdServer, &m.name, sans, Some(etcd))?;
+    }
+    if let (Some(user), Some(lb)) = (haproxy, &inv.load_balancer) {
+        // root:haproxy 0750: HAProxy reads its files here and cannot change the directory.
+        let owner = ServiceUser {
+            name: "root".into(),
+            uid: 0,
+            gid: user.gid,
+        };
+        super::files::dir(&layout.haproxy_dir(), 0o750, Some(&owner))?;
+        ensure(
+            &ca,
+            &layout.haproxy_dir(),
+            Service::HaProxy,
+            &lb.name,
+            none(),
+            Some(user),
+        )?;
     }
     ensure(
         &ca,

@@ -1,6 +1,7 @@
 //! `pgkeep down`: stops the environment without a failover, keeping the data unless `--purge`.
 //!
-//! Order: the replicas' agents first (each stops its PostgreSQL and exits on SIGTERM), then the
+//! Order: HAProxy first (clients lose their way in before the servers go), then the replicas'
+//! agents (each stops its PostgreSQL and exits on SIGTERM), then the
 //! leader's (nobody is left to promote, so the leader key is released, not taken over), then
 //! any postmaster an agent left behind (fast shutdown), then the etcd members. Every PID is
 //! checked against `/proc/<pid>/cmdline` before it is signalled; nothing is matched by name.
@@ -13,7 +14,7 @@ use nix::sys::signal::Signal;
 
 use super::spawn::{self, Identity};
 use super::up::{Steps, agent_identity};
-use super::{Layout, etcd, hosts};
+use super::{Layout, etcd, haproxy, hosts};
 use crate::dcs::{Dcs, EtcdDcs};
 use crate::inventory::Inventory;
 
@@ -40,7 +41,7 @@ pub fn down(opts: &DownOptions) -> Result<()> {
         return without_inventory(&layout, opts.purge);
     }
     let inv = Inventory::load(&inv_file)?;
-    let mut steps = Steps::new(if opts.purge { 4 } else { 3 });
+    let mut steps = Steps::new(if opts.purge { 5 } else { 4 });
     let leader = steps.run("finding the leader", || {
         let leader = current_leader(&layout, &inv);
         match &leader {
@@ -48,6 +49,12 @@ pub fn down(opts: &DownOptions) -> Result<()> {
             None => println!("      no leader known (etcd down or cluster not bootstrapped)"),
         }
         Ok(leader)
+    })?;
+    steps.run("stopping HAProxy", || {
+        if !haproxy::stop(&layout)? {
+            bail!("HAProxy still runs; see {}", layout.haproxy_log().display());
+        }
+        Ok(())
     })?;
     steps.run("stopping the agents", || {
         let mut order: Vec<&str> = inv
@@ -214,6 +221,7 @@ fn purge(layout: &Layout, inv: &Inventory) -> Result<()> {
     for m in &inv.etcd_hosts {
         alive.extend(spawn::scan(&etcd::identity(layout, &m.name)));
     }
+    alive.extend(spawn::scan(&haproxy::identity(layout)));
     if !alive.is_empty() {
         bail!("processes {alive:?} of this environment still run; not removing anything");
     }

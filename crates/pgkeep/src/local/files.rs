@@ -371,6 +371,22 @@ pub fn operator_files(layout: &Layout, inv: &Inventory) -> Result<()> {
             ADMIN_ROLE: libpq_tcp(layout, inv, &all, "postgres", ADMIN_ROLE),
         },
     });
+    let mut doc = doc;
+    if let Some(lb) = &inv.load_balancer {
+        let conn = |write| super::haproxy::libpq(layout, inv, write, APP_ROLE, APP_ROLE);
+        doc["load_balancer"] = json!({
+            "host": inv.fqdn(&lb.name),
+            "address": lb.address.to_string(),
+            "write_port": lb.write_port,
+            "read_port": lb.read_port,
+            "config": s(&layout.haproxy_config()),
+            "stats_socket": s(&layout.haproxy_socket()),
+            "pid_file": s(&layout.haproxy_pid()),
+            "log": s(&layout.haproxy_log()),
+            "libpq_write": conn(true)?,
+            "libpq_read": conn(false)?,
+        });
+    }
     let text = serde_json::to_string_pretty(&doc).context("rendering cluster.json")? + "\n";
     write(&layout.path("cluster.json"), &text, 0o644, None)?;
     Ok(())

@@ -12,13 +12,15 @@
 //!   cluster.json          members, endpoints, certificates and libpq strings for scripts
 //!   pki/                  ca.crt, ca.key (0600) and the operator's client certificates
 //!   secrets/              0700 root: REST API password, app/admin passwords, pgpass
-//!   logs/                 <etcd member>.log, <node>-agent.log
-//!   run/                  <member>.pid files; run/<node>/ is the node's Unix socket directory
+//!   logs/                 <etcd member>.log, <node>-agent.log, haproxy.log
+//!   run/                  <member>.pid files; run/<node>/ is the node's Unix socket directory;
+//!                         run/haproxy/ (0700 haproxy) HAProxy's stats socket and state file
+//!   haproxy/              0750 root:haproxy: haproxy.cfg (0640), its client certificate
 //!   etcd/<m>/             0700 etcd: data/ and the member's certificates
 //!   nodes/<n>/            0700 postgres: node.yml, tls/, secrets/, conf/, data/
 //! ```
 //!
-//! Processes run as their service users (`etcd`, `postgres`) through `setsid` and `setpriv`,
+//! Processes run as their service users (`etcd`, `postgres`, `haproxy`) through `setsid` and `setpriv`,
 //! which exec without forking, so the recorded PID is the service's own. A PID is trusted only
 //! when `/proc/<pid>/cmdline` names the expected program and this directory.
 
@@ -26,6 +28,7 @@ pub mod certs;
 pub mod down;
 pub mod etcd;
 pub mod files;
+pub mod haproxy;
 pub mod health;
 pub mod hosts;
 pub mod spawn;
@@ -165,6 +168,38 @@ impl Layout {
         self.run().join(format!("{m}.pid"))
     }
 
+    /// `D/haproxy`: HAProxy's configuration and client certificate (0750 root:haproxy).
+    pub fn haproxy_dir(&self) -> PathBuf {
+        self.path("haproxy")
+    }
+    /// `D/haproxy/haproxy.cfg`.
+    pub fn haproxy_config(&self) -> PathBuf {
+        self.haproxy_dir().join("haproxy.cfg")
+    }
+    /// `D/logs/haproxy.log`.
+    pub fn haproxy_log(&self) -> PathBuf {
+        self.logs().join("haproxy.log")
+    }
+    /// `D/run/haproxy.pid`: the master process.
+    pub fn haproxy_pid(&self) -> PathBuf {
+        self.run().join("haproxy.pid")
+    }
+    /// HAProxy's runtime directory (0700 haproxy): its stats socket and server-state file.
+    /// `D/run/haproxy` when the socket path fits the kernel's limit (108 bytes, with HAProxy's
+    /// temporary suffix), else `/run/pgkeep/<hash>/haproxy`.
+    pub fn haproxy_run(&self) -> PathBuf {
+        let local = self.run().join("haproxy");
+        if local.join("admin.sock.4194304.tmp").as_os_str().len() < 100 {
+            local
+        } else {
+            self.socket_base_fallback().join("haproxy")
+        }
+    }
+    /// HAProxy's stats socket.
+    pub fn haproxy_socket(&self) -> PathBuf {
+        self.haproxy_run().join("admin.sock")
+    }
+
     /// The node's Unix socket directory: `D/run/<n>` when short enough for PostgreSQL's limit
     /// (107 bytes, kept under 90 with the socket file name), else `/run/pgkeep/<hash>/<n>`.
     pub fn socket_dir(&self, n: &str) -> PathBuf {
@@ -223,6 +258,11 @@ impl ServiceUser {
     /// The `postgres` user (created by the postgresql package).
     pub fn postgres() -> Result<ServiceUser> {
         ServiceUser::lookup("postgres")
+    }
+
+    /// The `haproxy` user (created by the haproxy package).
+    pub fn haproxy() -> Result<ServiceUser> {
+        ServiceUser::lookup("haproxy")
     }
 
     /// Makes `path` owned by this user and its primary group.

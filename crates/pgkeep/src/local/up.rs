@@ -17,7 +17,9 @@ use anyhow::{Context, Result, bail};
 
 use super::health::{self, Healthy};
 use super::spawn::{self, Identity, Spec};
-use super::{BOOTSTRAP_MARKER, Layout, ServiceUser, address, certs, etcd, files, hosts, s};
+use super::{
+    BOOTSTRAP_MARKER, Layout, ServiceUser, address, certs, etcd, files, haproxy, hosts, s,
+};
 use crate::inventory::{BackupHost, DbHost, EtcdHost, Inventory, LoadBalancer, OrganisationCa};
 
 /// Ports are drawn from here: below the ephemeral range, so no outgoing connection takes one
@@ -47,6 +49,8 @@ pub struct UpOptions {
     pub timeout: Duration,
     /// Start the agents (false: files, hosts block and etcd only).
     pub agents: bool,
+    /// Start HAProxy in front of the agents (needs `agents`).
+    pub haproxy: bool,
 }
 
 /// Numbered progress lines; a failing step's error names the step.
@@ -83,12 +87,23 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     println!("pgkeep up: {}", layout.dir.display());
-    let mut steps = Steps::new(if opts.agents { 8 } else { 5 });
+    let with_haproxy = opts.agents && opts.haproxy;
+    let total = match (opts.agents, with_haproxy) {
+        (false, _) => 5,
+        (true, false) => 8,
+        (true, true) => 9,
+    };
+    let mut steps = Steps::new(total);
 
-    let (pg, etcd_user) = steps.run("checking prerequisites and service users", prerequisites)?;
+    let (pg, etcd_user, haproxy_user) = steps
+        .run("checking prerequisites and service users", || {
+            prerequisites(with_haproxy)
+        })?;
     let first = !layout.inventory().exists();
     let inv = steps.run("preparing the directory and the inventory", || {
-        check_traversable(&layout, &[&pg, &etcd_user])?;
+        let mut users = vec![&pg, &etcd_user];
+        users.extend(haproxy_user.as_ref());
+        check_traversable(&layout, &users)?;
         if first {
             new_inventory(&layout, opts)
         } else {
@@ -104,7 +119,7 @@ pub fn up(opts: &UpOptions) -> Result<()> {
     })?;
     steps.run("certificates and configuration files", || {
         files::skeleton(&layout, &inv, &pg, &etcd_user)?;
-        certs::issue_all(&layout, &inv, &pg, &etcd_user)?;
+        certs::issue_all(&layout, &inv, &pg, &etcd_user, haproxy_user.as_ref())?;
         files::node_files(&layout, &inv, &pg)?;
         files::operator_files(&layout, &inv)?;
         for h in &inv.database_hosts {
@@ -166,14 +181,34 @@ pub fn up(opts: &UpOptions) -> Result<()> {
             .context("the leader is not in the inventory")?;
         rt.block_on(health::ensure_roles(&layout, leader, &pg))
     })?;
-    summary(&layout, &inv, &healthy);
+    if let Some(user) = &haproxy_user {
+        steps.run("HAProxy (write and read ports)", || {
+            let changed = haproxy::write_files(&layout, &inv, user)?;
+            haproxy::start_or_reload(&layout, &inv, user, changed)?;
+            let replicas: Vec<String> = inv
+                .database_hosts
+                .iter()
+                .map(|h| h.name.clone())
+                .filter(|n| *n != healthy.leader)
+                .collect();
+            haproxy::wait_routing(&layout, &healthy.leader, &replicas, opts.timeout)?;
+            haproxy::probe(&layout, &inv)
+        })?;
+    }
+    summary(&layout, &inv, &healthy, with_haproxy);
     Ok(())
 }
 
-fn prerequisites() -> Result<(ServiceUser, ServiceUser)> {
+fn prerequisites(with_haproxy: bool) -> Result<(ServiceUser, ServiceUser, Option<ServiceUser>)> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "pgkeep up must run as root (it edits /etc/hosts and starts services as their users)"
+        );
+    }
+    if with_haproxy && !Path::new(haproxy::HAPROXY_BIN).exists() {
+        bail!(
+            "{} is missing; install the haproxy package (make deps) or pass --no-haproxy",
+            haproxy::HAPROXY_BIN
         );
     }
     for p in [
@@ -189,6 +224,7 @@ fn prerequisites() -> Result<(ServiceUser, ServiceUser)> {
     }
     let pg = ServiceUser::lookup("postgres")?;
     let etcd = ServiceUser::lookup("etcd")?;
+    let haproxy = with_haproxy.then(ServiceUser::haproxy).transpose()?;
     if nix::unistd::User::from_name("pgbackrest")?.is_none() {
         let st = std::process::Command::new("useradd")
             .args(["--system", "--user-group", "--no-create-home"])
@@ -206,7 +242,7 @@ fn prerequisites() -> Result<(ServiceUser, ServiceUser)> {
         }
         println!("      created the system user pgbackrest");
     }
-    Ok((pg, etcd))
+    Ok((pg, etcd, haproxy))
 }
 
 /// Every directory from `/` down to `D` (those that exist) must be searchable by each service
@@ -422,7 +458,10 @@ fn agent_binary(layout: &Layout, pg: &ServiceUser) -> Result<PathBuf> {
     let bin = layout.path("bin");
     files::dir(&bin, 0o755, None)?;
     let copy = bin.join("pgkeep");
-    let bytes = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    // /proc/self/exe still reads when a rebuild replaced the file on disk meanwhile.
+    let bytes = std::fs::read("/proc/self/exe")
+        .or_else(|_| std::fs::read(&exe))
+        .with_context(|| format!("reading {}", exe.display()))?;
     if std::fs::read(&copy).ok() != Some(bytes.clone()) {
         crate::fsutil::write_atomic(&copy, &bytes, 0o755)
             .with_context(|| format!("copying pgkeep to {}", copy.display()))?;
@@ -482,7 +521,7 @@ async fn wait_healthy(
     }
 }
 
-fn summary(layout: &Layout, inv: &Inventory, healthy: &Healthy) {
+fn summary(layout: &Layout, inv: &Inventory, healthy: &Healthy, with_haproxy: bool) {
     println!();
     println!(
         "Cluster {} is healthy: leader {}, timeline {}, system identifier {}",
@@ -530,6 +569,21 @@ fn summary(layout: &Layout, inv: &Inventory, healthy: &Healthy) {
         "  psql \"{}\"",
         files::libpq_tcp(layout, inv, &all, super::APP_ROLE, super::APP_ROLE)
     );
+    if with_haproxy && let Some(lb) = &inv.load_balancer {
+        let lb_name = inv.fqdn(&lb.name);
+        let conn = |write| haproxy::libpq(layout, inv, write, super::APP_ROLE, super::APP_ROLE);
+        if let (Ok(w), Ok(r)) = (conn(true), conn(false)) {
+            println!();
+            println!(
+                "Through HAProxy ({lb_name}; stats socket {}):",
+                s(&layout.haproxy_socket())
+            );
+            println!("  read-write (the primary, follows failovers):");
+            println!("  psql \"{w}\"");
+            println!("  read-only (healthy replicas):");
+            println!("  psql \"{r}\"");
+        }
+    }
     println!();
     println!(
         "Operator:    pgkeep ctl -c {} list",

@@ -6,6 +6,7 @@ mod callbacks;
 mod config;
 mod dcs;
 mod faults;
+mod haproxy;
 mod harness;
 mod local;
 mod metrics;
