@@ -110,6 +110,16 @@ fn operations_through_ctl_on_a_real_cluster() {
             .contains(&format!("+ {}", name((p + 1) % 3)))
     );
     assert!(ctl.ok(&["show-config"]).contains("ttl: 10"));
+    // `list --watch` (not a terminal: one timestamped table per frame), bounded by --count.
+    let t = Instant::now();
+    let frames = ctl.ok(&["list", "--watch", "--interval", "0.3", "--count", "3"]);
+    assert_eq!(frames.matches(" UTC\n").count(), 3, "{frames}");
+    let leader_rows = frames
+        .lines()
+        .filter(|l| l.starts_with(&format!("{} ", name(p))) && l.contains("leader"))
+        .count();
+    assert_eq!(leader_rows, 3, "{frames}");
+    assert!(t.elapsed() < Duration::from_secs(10));
 
     // Pause: every member reports it, and a killed primary is neither restarted nor replaced.
     ctl.ok(&["pause", "--wait"]);

@@ -29,6 +29,7 @@
 //! goes through a member's REST API, its access check, validation and audit log.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
@@ -42,6 +43,7 @@ pub mod file;
 pub mod manual;
 pub mod ops;
 pub mod views;
+mod watch;
 
 pub use config::EditConfigArgs;
 pub use manual::{FailoverArgs, FlushArgs, FlushTarget, SwitchoverArgs};
@@ -104,6 +106,24 @@ pub struct ListArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// Keep the output up to date: redraw on every change in etcd (in place on a terminal).
+    #[arg(short = 'W', long)]
+    pub watch: bool,
+    /// With `--watch`: redraw at least this often (seconds), for lag figures.
+    #[arg(long, default_value_t = 2.0, value_parser = positive_secs)]
+    pub interval: f64,
+    /// With `--watch`: stop after this many frames.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0.1 and 3600"
+        )),
+    }
 }
 
 /// Output formats of listings.
@@ -284,11 +304,21 @@ pub fn run(args: CtlArgs) -> Result<()> {
         .context("starting the async runtime")?;
     match args.command {
         CtlCommand::List(l) => {
+            let render = |view: &ClusterView| -> Result<String> {
+                let rows = rows(view);
+                Ok(match l.format {
+                    Format::Json => serde_json::to_string(&rows)? + "\n",
+                    Format::Table => table(&loaded.etcd.scope, view, &rows),
+                })
+            };
+            if l.watch {
+                let every = Duration::from_secs_f64(l.interval);
+                return watch::run(&rt, &loaded.etcd, l.format, every, l.count, render);
+            }
             let view = read_view(&rt, &loaded.etcd)?;
-            let rows = rows(&view);
             let text = match l.format {
-                Format::Json => serde_json::to_string_pretty(&rows)? + "\n",
-                Format::Table => table(&loaded.etcd.scope, &view, &rows),
+                Format::Json => serde_json::to_string_pretty(&rows(&view))? + "\n",
+                Format::Table => render(&view)?,
             };
             print_out(&text)
         }
@@ -305,6 +335,12 @@ pub fn run(args: CtlArgs) -> Result<()> {
         CtlCommand::Reload(a) => ops::run_reload(&rt, &loaded, &a),
         CtlCommand::Reinit(a) => ops::run_reinit(&rt, &loaded, &a),
         CtlCommand::History(h) => {
+            if h.watch {
+                let every = Duration::from_secs_f64(h.interval);
+                return watch::run(&rt, &loaded.etcd, h.format, every, h.count, |v| {
+                    views::history(v, h.format)
+                });
+            }
             let view = read_view(&rt, &loaded.etcd)?;
             print_out(&views::history(&view, h.format)?)
         }
