@@ -1,6 +1,6 @@
-//! Item 6: a permanent logical slot from `/config.slots` survives a switchover. The replicas
-//! keep copies (state file copied from the leader, then advanced to the leader's published
-//! position), so a consumer resumes on the new primary without missing a change.
+//! Item 6: a permanent logical slot from `/config.slots` survives a switchover and a host loss.
+//! The replicas keep copies (state file copied from the leader, then advanced to the leader's
+//! published position), so a consumer resumes on the new primary without missing a change.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -47,7 +47,7 @@ fn postmaster_start(b: &super::Bed, i: usize) -> String {
 }
 
 #[test]
-fn logical_slot_consumer_resumes_after_a_switchover() {
+fn logical_slot_consumer_resumes_after_a_switchover_and_a_host_loss() {
     let dcs = DcsOptions {
         extra_yaml: LOGICAL.into(),
         ..DcsOptions::default()
@@ -126,6 +126,47 @@ fn logical_slot_consumer_resumes_after_a_switchover() {
         |_| has_slot(&b, p),
     )
     .unwrap();
+    // Host loss: the slot survives an unplanned failover too.
+    b.c.wait(
+        "the replicas' copies caught up",
+        Duration::from_secs(30),
+        |_| {
+            let pos = sql(
+                &b,
+                np,
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'cdc'",
+            );
+            (0..3).filter(|i| *i != np).all(|i| {
+                b.c.psql(
+                    i,
+                    &format!(
+                        "SELECT confirmed_flush_lsn >= '{}' FROM pg_replication_slots \
+                         WHERE slot_name = 'cdc'",
+                        pos.trim()
+                    ),
+                )
+                .is_ok_and(|o| o.stdout.trim() == "t")
+            })
+        },
+    )
+    .unwrap();
+    b.c.kill_host(np).unwrap();
+    let np2 = b.primary_except(np, Duration::from_secs(45));
+    sql(
+        &b,
+        np2,
+        "INSERT INTO lslot SELECT generate_series(161, 170)",
+    );
+    let after_failover = consume(&b, np2);
+    let got: BTreeSet<i64> = after_failover.iter().copied().collect();
+    assert!(
+        (161..=170).all(|i| got.contains(&i)),
+        "changes lost across the failover: {after_failover:?}"
+    );
+    assert!(
+        after_failover.iter().all(|i| *i > 150),
+        "the copy was advanced to the consumer's position: {after_failover:?}"
+    );
     if std::env::var_os("PGKEEP_TEST_SAVE_LOGS").is_some() {
         b.save_logs("flogical");
     }
