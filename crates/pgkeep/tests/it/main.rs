@@ -14,3 +14,4 @@ mod netbed;
 mod ops;
 mod pki;
 mod quickstart;
+mod security;
