@@ -14,6 +14,7 @@ pub mod run;
 use std::ffi::{OsStr, OsString};
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -184,10 +185,15 @@ impl Instance {
     /// and it survives an agent restart), with stderr appended to the log file, and waits until
     /// it accepts connections (`ready`, or `standby` for a hot standby).
     pub async fn start(&self, timeout: Duration) -> Result<PostmasterPid, PgError> {
+        // The log holds queries, audit lines and error details: owner-only, also for a file an
+        // older version created with the umask's mode.
         let log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.log_file)
+            .map_err(io_err(&self.log_file))?;
+        log.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io_err(&self.log_file))?;
         let log2 = log.try_clone().map_err(io_err(&self.log_file))?;
         let mut cmd = self.runner.command("postgres");

@@ -158,6 +158,74 @@ fn quickstart_cluster_is_secure_replicates_and_survives_bad_input_and_restarts()
     );
 
     checks.run(
+        "pgaudit logs the DDL; no log under the environment holds a role's plain-text \
+         password; PostgreSQL's log is outside the data directory and owner-only, no log is world-readable",
+        || {
+            let log = sc.dir.join(format!("nodes/{leader}/conf/postgresql.log"));
+            wait_for("an AUDIT line for the DDL", Duration::from_secs(10), || {
+                let text = std::fs::read_to_string(&log)
+                    .with_context(|| format!("reading {}", log.display()))?;
+                ensure!(
+                    text.lines().any(|l| l.contains("AUDIT: SESSION")
+                        && l.contains("DDL")
+                        && l.contains("CREATE TABLE")),
+                    "no AUDIT line for CREATE TABLE in {}",
+                    log.display()
+                );
+                Ok(())
+            })?;
+            let mode =
+                std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&log)?.permissions());
+            ensure!(mode & 0o077 == 0, "{} has mode {mode:o}", log.display());
+            ensure!(
+                !log.starts_with(q.data_dir(&leader)?),
+                "the log is in the data directory"
+            );
+            let mut secrets = Vec::new();
+            for role in ["app", "admin"] {
+                let pw = std::fs::read_to_string(sc.dir.join(format!("secrets/{role}.pw")))?;
+                ensure!(
+                    pw.trim().len() >= 16,
+                    "{role}'s password is too short to search for"
+                );
+                secrets.push(pw.trim().to_owned());
+            }
+            let mut stack = vec![sc.dir.join("logs"), sc.dir.join("nodes")];
+            let mut scanned = 0;
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d)? {
+                    let p = e?.path();
+                    if p.is_dir() {
+                        if !p.ends_with("data") {
+                            stack.push(p);
+                        }
+                    } else if p.extension().is_some_and(|x| x == "log") {
+                        let text = String::from_utf8_lossy(&std::fs::read(&p)?).into_owned();
+                        scanned += 1;
+                        let mode = std::os::unix::fs::PermissionsExt::mode(
+                            &std::fs::metadata(&p)?.permissions(),
+                        );
+                        ensure!(
+                            mode & 0o007 == 0,
+                            "{} is readable by others (mode {mode:o})",
+                            p.display()
+                        );
+                        for s in &secrets {
+                            ensure!(
+                                !text.contains(s.as_str()),
+                                "{} holds a password",
+                                p.display()
+                            );
+                        }
+                    }
+                }
+            }
+            ensure!(scanned >= 4, "only {scanned} log files found");
+            Ok(())
+        },
+    );
+
+    checks.run(
         "each replica presents its own server certificate: verify-full with the leader's name \
          fails with a host-name mismatch, its own name succeeds",
         || {
