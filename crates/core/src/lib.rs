@@ -5,6 +5,7 @@
 //! this crate, and executes what it returns. That is what lets the HA rules be tested with tables
 //! and deterministic simulations instead of mocks.
 
+pub mod apps;
 pub mod cluster;
 pub mod dynamic;
 pub mod ha;

@@ -188,6 +188,11 @@ impl AgentCluster {
 
     /// `psql` on agent `i`'s PostgreSQL over its Unix socket, as the postgres OS user.
     pub fn psql(&self, i: usize, sql: &str) -> Result<CommandOutput> {
+        self.psql_db(i, "postgres", sql)
+    }
+
+    /// [`AgentCluster::psql`] in database `db`.
+    pub fn psql_db(&self, i: usize, db: &str, sql: &str) -> Result<CommandOutput> {
         let a = &self.agents[i];
         let port = a.pg_port.to_string();
         let socket = a.socket_dir();
@@ -198,7 +203,7 @@ impl AgentCluster {
             "-p".as_ref(),
             port.as_ref(),
             "-d".as_ref(),
-            "postgres".as_ref(),
+            db.as_ref(),
             "-c".as_ref(),
             sql.as_ref(),
         ];

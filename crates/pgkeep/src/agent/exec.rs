@@ -620,7 +620,7 @@ impl Shell {
                 .with_context(|| format!("creating roles: {sql}"))?;
         }
         tracing::info!(replication = %roles.replication, rewind = %roles.rewind, "created the replication and rewind roles");
-        Ok(())
+        self.create_applications(&client).await
     }
 
     async fn slots(&mut self, names: &[String], create: bool) -> Result<()> {

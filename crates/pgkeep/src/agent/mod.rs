@@ -2,6 +2,7 @@
 //! (DCS view + local PostgreSQL), asks [`pgkeep_core::ha::decide`] what to do, and does it.
 //! Nothing here decides; everything here talks to the world.
 
+mod apps;
 mod callbacks;
 mod control;
 mod exec;

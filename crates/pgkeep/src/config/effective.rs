@@ -83,6 +83,11 @@ pub fn effective_yaml(c: &Config) -> String {
         "bootstrap": {
             "dcs": c.bootstrap.dcs,
             "initdb": c.bootstrap.initdb,
+            "applications": c.bootstrap.applications.iter().map(|a| serde_json::json!({
+                "name": a.name,
+                "password": "<redacted>",
+                "readonly_password": a.readonly_password.as_ref().map(|_| "<redacted>"),
+            })).collect::<Vec<_>>(),
         },
         "postgresql": {
             "listen": c.postgresql.listen.to_string(),

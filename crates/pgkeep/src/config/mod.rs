@@ -187,6 +187,20 @@ pub struct Bootstrap {
     pub dcs: serde_json::Map<String, serde_json::Value>,
     /// Extra initdb options (`--data-checksums` and `--auth-*` are always set by pgkeep).
     pub initdb: Vec<String>,
+    /// Applications whose database, schema and roles the bootstrap creates
+    /// (see [`pgkeep_core::apps`]).
+    pub applications: Vec<Application>,
+}
+
+/// One `bootstrap.applications` entry.
+#[derive(Debug)]
+pub struct Application {
+    /// The name: database, schema and login role.
+    pub name: String,
+    /// The login role's password (from a 0600 file).
+    pub password: SecretString,
+    /// The password of the read-only login role `<name>_ro`, if it is wanted.
+    pub readonly_password: Option<SecretString>,
 }
 
 /// Local PostgreSQL settings.

@@ -130,6 +130,18 @@ pub(super) struct RawBootstrap {
     pub(super) dcs: Option<Map<String, Value>>,
     #[serde(default)]
     pub(super) initdb: Vec<Value>,
+    #[serde(default)]
+    pub(super) applications: Vec<RawApplication>,
+}
+
+/// One entry of `bootstrap.applications`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApplication {
+    pub(super) name: String,
+    pub(super) password_file: PathBuf,
+    #[serde(default)]
+    pub(super) readonly_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

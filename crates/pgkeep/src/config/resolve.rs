@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::raw::{RawAuth, RawConfig, RawPgRole};
 use super::{
-    BasicAuth, Bootstrap, Config, ConfigError, Ctl, Etcd, Insecure, Log, LogFormat,
+    Application, BasicAuth, Bootstrap, Config, ConfigError, Ctl, Etcd, Insecure, Log, LogFormat,
     PgAuthentication, PgRole, Postgresql, RestApi, TlsFiles, VerifyClient, Watchdog, WatchdogMode,
 };
 
@@ -218,7 +218,35 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
                     initdb_option(v).map_err(|r| err(&format!("bootstrap.initdb[{i}]"), r))
                 })
                 .collect::<Result<_, _>>()?;
-            Bootstrap { dcs, initdb }
+            let mut applications: Vec<Application> = Vec::new();
+            for (i, a) in b.applications.into_iter().enumerate() {
+                let key = format!("bootstrap.applications[{i}]");
+                pgkeep_core::apps::valid_name(&a.name)
+                    .map_err(|r| err(&format!("{key}.name"), r))?;
+                if applications.iter().any(|x| x.name == a.name) {
+                    return Err(err(
+                        &format!("{key}.name"),
+                        format!("{} is listed twice", a.name),
+                    ));
+                }
+                let password = read_password_file(&a.password_file)
+                    .map_err(|r| err(&format!("{key}.password_file"), r))?;
+                let readonly_password = a
+                    .readonly_password_file
+                    .map(|f| read_password_file(&f))
+                    .transpose()
+                    .map_err(|r| err(&format!("{key}.readonly_password_file"), r))?;
+                applications.push(Application {
+                    name: a.name,
+                    password,
+                    readonly_password,
+                });
+            }
+            Bootstrap {
+                dcs,
+                initdb,
+                applications,
+            }
         }
     };
 

@@ -106,7 +106,10 @@ pub(super) const ROOT: &[Entry] = &[
             leaf("key"),
         ],
     ),
-    section("bootstrap", &[free("dcs"), leaf("initdb")]),
+    section(
+        "bootstrap",
+        &[free("dcs"), leaf("initdb"), leaf("applications")],
+    ),
     section(
         "postgresql",
         &[

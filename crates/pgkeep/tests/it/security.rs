@@ -247,3 +247,125 @@ fn remote_configuration_runs_nothing_and_plaintext_is_refused() {
     drop(idle);
     drop(env);
 }
+
+/// `psql` over TCP and TLS with a password, as an application connects.
+fn tcp_psql(
+    a: &pgkeep_testkit::Agent,
+    user: &str,
+    pass: &str,
+    db: &str,
+    q: &str,
+) -> std::process::Output {
+    std::process::Command::new(Path::new(pgkeep_testkit::PG_BIN_DIR).join("psql"))
+        .arg(format!(
+            "host={} port={} dbname={db} user={user} sslmode=require connect_timeout=5",
+            a.node.addr, a.pg_port
+        ))
+        .args(["-XAtqc", q])
+        .env("PGPASSWORD", pass)
+        .output()
+        .unwrap()
+}
+
+/// Item 5: `bootstrap.applications` gives an application its own database and schema owned by
+/// a NOLOGIN role, a login role with data rights only and a read-only login role; PUBLIC can
+/// neither connect nor create.
+#[test]
+fn bootstrap_creates_least_privilege_application_roles() {
+    let env = Env::new("apps").unwrap();
+    let etcd = EtcdCluster::start(&env, 1).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("pgkeep");
+    let mut c = AgentCluster::prepare(&env, &etcd, "apps", 1, &bin).unwrap();
+    let a = &c.agents[0];
+    let secrets = a.node.dir.join("pki");
+    let (pw, ro_pw) = ("shop-Login-Pa55-word", "shop-Read-Only-Pa55");
+    let (pw_file, ro_file) = (secrets.join("shop.pw"), secrets.join("shop_ro.pw"));
+    for (f, p) in [(&pw_file, pw), (&ro_file, ro_pw)] {
+        std::fs::write(f, p).unwrap();
+        a.node.user.chown(f).unwrap();
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    let text = text.replacen(
+        "  initdb:",
+        &format!(
+            "  applications:\n    - {{name: shop, password_file: {}, readonly_password_file: {}}}\n  initdb:",
+            pw_file.display(),
+            ro_file.display()
+        ),
+        1,
+    );
+    std::fs::write(&a.config, text).unwrap();
+    c.start_all().unwrap();
+    c.wait("a primary", Duration::from_secs(60), |c| {
+        c.primary() == Some(0)
+    })
+    .unwrap();
+    c.wait("the application's schema", Duration::from_secs(30), |c| {
+        c.psql_db(
+            0,
+            "shop",
+            "SELECT 1 FROM pg_namespace WHERE nspname = 'shop'",
+        )
+        .is_ok_and(|o| o.stdout.trim() == "1")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent_log(&c, 0)));
+    let a = &c.agents[0];
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let denied = |out: std::process::Output| {
+        assert!(
+            !out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Migrations run as the owner (here through the local superuser with SET ROLE).
+    let out = c
+        .psql_db(
+            0,
+            "shop",
+            "SET ROLE shop_owner; CREATE TABLE shop.orders (id int PRIMARY KEY, item text);",
+        )
+        .unwrap();
+    assert!(out.success(), "{}", out.stderr);
+    let app = |q: &str| tcp_psql(a, "shop", pw, "shop", q);
+    assert_eq!(ok(app("SHOW search_path")), "shop");
+    ok(app("INSERT INTO orders VALUES (1, 'book')"));
+    ok(app("UPDATE orders SET item = 'pen' WHERE id = 1"));
+    assert!(denied(app("CREATE TABLE mine (x int)")).contains("permission denied"));
+    assert!(denied(app("CREATE TABLE public.mine (x int)")).contains("permission denied"));
+    assert!(denied(app("DROP TABLE orders")).contains("must be owner"));
+    let ro = |q: &str| tcp_psql(a, "shop_ro", ro_pw, "shop", q);
+    assert_eq!(ok(ro("SELECT item FROM orders")), "pen");
+    assert!(denied(ro("DELETE FROM orders")).contains("permission denied"));
+    // Nobody logs in as the owner; PUBLIC cannot connect to the application's database.
+    let owner = denied(tcp_psql(a, "shop_owner", pw, "shop", "SELECT 1"));
+    assert!(
+        owner.contains("not permitted to log in")
+            || owner.contains("password authentication failed"),
+        "{owner}"
+    );
+    let roles = ok(tcp_psql(a, "shop", pw, "postgres", "SELECT 1"));
+    assert_eq!(
+        roles, "1",
+        "the login role may still reach postgres (PUBLIC there)"
+    );
+    let out = c
+        .psql(
+            0,
+            "CREATE ROLE outsider LOGIN PASSWORD 'Outsider-Pa55-word'",
+        )
+        .unwrap();
+    assert!(out.success(), "{}", out.stderr);
+    let outsider = tcp_psql(a, "outsider", "Outsider-Pa55-word", "shop", "SELECT 1");
+    assert!(denied(outsider).contains("permission denied for database"));
+    drop(env);
+}
