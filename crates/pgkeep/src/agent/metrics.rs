@@ -8,10 +8,44 @@ use pgkeep_core::ha::{self, Decision};
 
 use super::Shell;
 
+/// How often the expiry of the certificates in use is read again (besides start and reload).
+const EXPIRY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A certificate that expires within the warning period (or has expired).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Expiring {
+    /// What the agent uses it for (`restapi`, `postgresql`, `etcd_client`, ...).
+    pub(super) role: String,
+    /// Seconds left until `not_after`; negative once expired.
+    pub(super) seconds_left: i64,
+}
+
+/// The certificates of `not_after` (role -> Unix time) that expire within `warn_days` days of
+/// `now` (Unix time), soonest first.
+pub(super) fn expiring(
+    not_after: &std::collections::BTreeMap<String, i64>,
+    now: i64,
+    warn_days: u32,
+) -> Vec<Expiring> {
+    let horizon = i64::from(warn_days) * 86_400;
+    let mut out: Vec<Expiring> = not_after
+        .iter()
+        .map(|(role, t)| Expiring {
+            role: role.clone(),
+            seconds_left: t - now,
+        })
+        .filter(|e| e.seconds_left <= horizon)
+        .collect();
+    out.sort_by_key(|e| e.seconds_left);
+    out
+}
+
 impl Shell {
-    /// Reads the expiry of every certificate this agent uses (at start and on reload; a scrape
-    /// reads no file).
+    /// Reads the expiry of every certificate this agent uses (at start, on reload and once a
+    /// day; a scrape reads no file) and warns about those that expire within
+    /// `pgkeep.certificate_expiry_warning_days`.
     pub(super) fn read_cert_expiry(&mut self) {
+        self.certs_checked = std::time::Instant::now();
         let cfg = &self.cfg;
         let pg = &cfg.postgresql;
         let ssl_cert = pg
@@ -25,6 +59,10 @@ impl Shell {
             (
                 "etcd_client",
                 cfg.etcd.client.as_ref().map(|t| t.cert.clone()),
+            ),
+            (
+                "restapi_client",
+                cfg.ctl.client.as_ref().map(|t| t.cert.clone()),
             ),
             (
                 "replication_client",
@@ -44,6 +82,7 @@ impl Shell {
             ),
         ];
         self.metrics.cert_not_after.clear();
+        let mut paths = std::collections::BTreeMap::new();
         for (role, path) in certs {
             let Some(path) = path else { continue };
             match crate::pki::inspect(&path) {
@@ -51,11 +90,41 @@ impl Shell {
                     self.metrics
                         .cert_not_after
                         .insert(role.to_owned(), info.not_after.unix_timestamp());
+                    paths.insert(role.to_owned(), path);
                 }
                 Err(e) => {
                     tracing::warn!(certificate = role, error = %e, "cannot read the certificate's expiry")
                 }
             }
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let warn_days = self.cfg.certificate_expiry_warning_days;
+        for e in expiring(&self.metrics.cert_not_after, now, warn_days) {
+            let path = paths.get(&e.role).map(|p| p.display().to_string());
+            let days_left = e.seconds_left.div_euclid(86_400);
+            if e.seconds_left < 0 {
+                tracing::error!(
+                    certificate = %e.role,
+                    path = path.as_deref().unwrap_or(""),
+                    days_left,
+                    "certificate EXPIRED; rotate it (pgkeep pki rotate) and reload the agent"
+                );
+            } else {
+                tracing::warn!(
+                    certificate = %e.role,
+                    path = path.as_deref().unwrap_or(""),
+                    days_left,
+                    warn_days,
+                    "certificate expires soon; rotate it (pgkeep pki rotate) and reload the agent"
+                );
+            }
+        }
+    }
+
+    /// Reads the certificates' expiry again when the last reading is a day old.
+    pub(super) fn daily_cert_check(&mut self) {
+        if self.certs_checked.elapsed() >= EXPIRY_CHECK_EVERY {
+            self.read_cert_expiry();
         }
     }
 
@@ -83,5 +152,35 @@ impl Shell {
                 self.metrics.promotions_automatic += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiring_within_the_period_soonest_first() {
+        let now = 1_000_000_000;
+        let day = 86_400;
+        let certs: std::collections::BTreeMap<String, i64> = [
+            ("restapi", now + 40 * day),
+            ("postgresql", now + 30 * day),
+            ("etcd_client", now + 29 * day + 10),
+            ("rewind_client", now - 5),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let got = expiring(&certs, now, 30);
+        let roles: Vec<&str> = got.iter().map(|e| e.role.as_str()).collect();
+        assert_eq!(roles, ["rewind_client", "etcd_client", "postgresql"]);
+        assert_eq!(got[0].seconds_left, -5);
+        assert!(
+            expiring(&certs, now, 1)
+                .iter()
+                .all(|e| e.role == "rewind_client")
+        );
+        assert!(expiring(&Default::default(), now, 30).is_empty());
     }
 }

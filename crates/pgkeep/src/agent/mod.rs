@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiClient, ApiSnapshot};
 use crate::config::Config;
-use crate::dcs::{ClusterWatch, Dcs, EtcdDcs, EtcdSettings, KeepaliveReply, Lease, TlsFiles};
+use crate::dcs::{
+    ClusterWatch, Dcs, EtcdDcs, EtcdSettings, KeepaliveReply, Lease, TlsFiles, TlsReload,
+};
 use crate::postgres::observe::LocalPg;
 use crate::postgres::{ControlData, Instance, RunAs, Runner};
 use render::Layout;
@@ -99,6 +101,10 @@ struct Shell {
     slot_copy_after: Option<std::time::Instant>,
     /// Counters and facts for `GET /metrics`.
     metrics: crate::api::metrics::AgentMetrics,
+    /// Reloads the REST API's certificate (on SIGHUP and `POST /reload`).
+    api_tls: crate::api::TlsReloader,
+    /// When the certificates' expiry was last read (it is read again once a day).
+    certs_checked: Instant,
 }
 
 impl Shell {
@@ -251,6 +257,7 @@ impl Shell {
 
     /// One cycle. Returns when the next one may start.
     async fn cycle(&mut self) -> Millis {
+        self.daily_cert_check();
         self.reap_busy().await;
         self.expire_requests();
         let ttl_before = self.ha.ttl;
@@ -498,6 +505,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         callbacks: callbacks::CallbackState::default(),
         slot_copy_after: None,
         metrics: Default::default(),
+        api_tls: server.tls_reloader(),
+        certs_checked: Instant::now(),
         fence_failed: false,
         controldata_stamp: None,
         watchdog: watchdog::Watchdog::new(crate::config::Watchdog {
@@ -586,6 +595,12 @@ impl Shell {
     /// SIGHUP: validate the whole new configuration, then swap it in; on any error keep the old
     /// one. Settings that need a restart of the agent (listen addresses, etcd endpoints) are
     /// reported, not applied.
+    ///
+    /// Certificates are picked up here (`pgkeep pki rotate` sends SIGHUP): PostgreSQL reloads
+    /// its `ssl_*_file`s with the configuration, the REST API serves new connections with its
+    /// new certificate, the client of the other members' REST APIs is rebuilt, and the etcd
+    /// client switches to new TLS files in the background once a client with them has read
+    /// from etcd (see [`EtcdDcs::reload_tls`]); each one that fails keeps what it had.
     fn reload(&mut self, path: &Path) {
         match Config::load(path).and_then(|c| {
             Ok((
@@ -595,12 +610,27 @@ impl Shell {
             ))
         }) {
             Ok((layout, c)) => {
-                if c.restapi.listen != self.cfg.restapi.listen
-                    || c.etcd.endpoints != self.cfg.etcd.endpoints
-                {
+                let endpoints_changed = c.etcd.endpoints != self.cfg.etcd.endpoints;
+                if c.restapi.listen != self.cfg.restapi.listen || endpoints_changed {
                     tracing::warn!(
-                        "restapi.listen and etcd3 changes take effect after an agent restart"
+                        "restapi.listen and etcd3 hosts changes take effect after an agent restart"
                     );
+                }
+                if let Err(e) = self.api_tls.reload(&c.restapi) {
+                    tracing::error!(
+                        error = %e,
+                        "REST API certificate not reloaded; new connections keep the previous one"
+                    );
+                }
+                match peer_client(&c) {
+                    Ok(client) => self.peer_client = client,
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "client of the members' REST APIs not rebuilt; keeping the previous one"
+                    ),
+                }
+                if !endpoints_changed {
+                    self.reload_etcd_tls(&c);
                 }
                 self.cfg = c;
                 self.layout = layout;
@@ -616,5 +646,45 @@ impl Shell {
                 tracing::error!(error = %e, "configuration not reloaded; keeping the previous one")
             }
         }
+    }
+
+    /// Switches the etcd client to the TLS files of `cfg` in the background when they changed.
+    /// The HA loop goes on meanwhile with the connections it has; a failure keeps them.
+    fn reload_etcd_tls(&self, cfg: &Config) {
+        let settings = match etcd_settings(cfg, &self.ha) {
+            Ok(s) if s.tls.is_some() => s,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "etcd client certificate not reloaded"
+                );
+                return;
+            }
+        };
+        let dcs = self.dcs.clone();
+        tokio::spawn(async move {
+            let cert = settings.tls.as_ref().map(|t| t.cert.clone());
+            match dcs.reload_tls(&settings).await {
+                Ok(TlsReload::Reloaded) => {
+                    let serial = cert
+                        .and_then(|c| crate::pki::inspect(&c).ok())
+                        .map(|i| i.serial)
+                        .unwrap_or_default();
+                    tracing::info!(
+                        serial = %serial,
+                        "etcd client certificate reloaded: new etcd connections use it"
+                    );
+                }
+                Ok(TlsReload::Unchanged) => {
+                    tracing::debug!("etcd client certificate files unchanged")
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "etcd client certificate NOT reloaded: the agent keeps using the previous \
+                     one; reload again (SIGHUP) once etcd accepts the new one"
+                ),
+            }
+        });
     }
 }

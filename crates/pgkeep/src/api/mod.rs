@@ -111,7 +111,7 @@ pub use control::{
     BoxFuture, Control, ControlError, LivePositions, LocalRequest, PendingChange, RequestOutcome,
 };
 pub use json::{MemberStatus, PatroniInfo, ReplicationInfo, Xlog};
-pub use server::{ApiError, BoundServer, serve};
+pub use server::{ApiError, BoundServer, TlsReloader, serve};
 
 /// The Patroni version pgkeep reports in `patroni.version` and member keys: new enough that
 /// Patroni tools take their modern code paths.

@@ -94,14 +94,13 @@ impl BoundServer {
     /// Loads the certificate, key and client CA named in `cfg` again and uses them for new
     /// connections (certificate rotation without downtime). Open connections keep theirs.
     pub fn reload_tls(&self, cfg: &RestApi) -> Result<(), ApiError> {
-        let (Some(current), Some(files)) = (&self.tls, &cfg.tls) else {
-            return Err(ApiError::Tls(
-                "TLS cannot be switched on or off without a restart".into(),
-            ));
-        };
-        current.reload_from_config(Arc::new(server_tls_config(cfg, files)?));
-        tracing::info!(cert = %files.cert.display(), "reloaded the REST API certificate");
-        Ok(())
+        TlsReloader(self.tls.clone()).reload(cfg)
+    }
+
+    /// A handle that reloads this server's certificates (see [`BoundServer::reload_tls`]),
+    /// for whoever handles reloads while the server runs.
+    pub fn tls_reloader(&self) -> TlsReloader {
+        TlsReloader(self.tls.clone())
     }
 
     /// Waits until the server has stopped (after the shutdown token was cancelled).
@@ -110,6 +109,25 @@ impl BoundServer {
             Ok(r) => r.map_err(ApiError::Serve),
             Err(e) => Err(ApiError::Serve(io::Error::other(e))),
         }
+    }
+}
+
+/// Reloads a running server's certificate, key and client CA (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct TlsReloader(Option<RustlsConfig>);
+
+impl TlsReloader {
+    /// Loads the files named in `cfg` and uses them for new connections; on any error the
+    /// server keeps the configuration it has.
+    pub fn reload(&self, cfg: &RestApi) -> Result<(), ApiError> {
+        let (Some(current), Some(files)) = (&self.0, &cfg.tls) else {
+            return Err(ApiError::Tls(
+                "TLS cannot be switched on or off without a restart".into(),
+            ));
+        };
+        current.reload_from_config(Arc::new(server_tls_config(cfg, files)?));
+        tracing::info!(cert = %files.cert.display(), "reloaded the REST API certificate");
+        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@
 //! pgkeep pki issue --dir D --service S --name N [--host H]... [--ip A]... [--role R] [--days N]
 //!                  [--ca-cert FILE --ca-key FILE] [--force]
 //! pgkeep pki show  FILE [--format text|json]
+//! pgkeep pki rotate --dir D [--service S]... [--days N] [--timeout SECS]
 //! ```
 //!
 //! Parsing and presentation only; the work is done by [`crate::pki`].
@@ -40,6 +41,27 @@ pub enum PkiCommand {
     Issue(IssueArgs),
     /// Show a certificate: names, validity, days left, usages, SANs.
     Show(ShowArgs),
+    /// Renew the certificates of a local environment (`pgkeep up`'s directory) from its CA and
+    /// make every running component use them: no restart of PostgreSQL, no failover.
+    Rotate(RotateArgs),
+}
+
+/// `pki rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// The environment directory of `pgkeep up` (not its pki/ subdirectory).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Only the certificates of this service (repeatable or comma-separated) [default: all].
+    #[arg(long = "service", value_name = "SERVICE", value_delimiter = ',', value_parser = service_parser())]
+    pub services: Vec<Service>,
+    /// Validity of the new certificates in days [default: 397, or fewer if the CA expires
+    /// sooner].
+    #[arg(long, value_name = "N")]
+    pub days: Option<u32>,
+    /// How long each component may take to present its new certificate, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
 }
 
 /// `pki init`.
@@ -149,6 +171,14 @@ pub fn run_with_output(args: PkiArgs, out: &mut dyn Write) -> anyhow::Result<()>
         PkiCommand::Init(a) => init(a, out),
         PkiCommand::Issue(a) => issue(a, out),
         PkiCommand::Show(a) => show(a, out),
+        PkiCommand::Rotate(a) => {
+            crate::local::rotate::rotate(&crate::local::rotate::RotateOptions {
+                dir: a.dir,
+                services: a.services,
+                days: a.days,
+                timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+            })
+        }
     }
 }
 

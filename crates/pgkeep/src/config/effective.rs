@@ -123,6 +123,7 @@ pub fn effective_yaml(c: &Config) -> String {
             "insecure": c.insecure.active(),
             "callback_timeout": c.callbacks.timeout.as_secs(),
             "callback_primary_role": c.callbacks.primary_role.as_str(),
+            "certificate_expiry_warning_days": c.certificate_expiry_warning_days,
         },
     });
     serde_saphyr::to_string(&doc).unwrap_or_else(|e| format!("# cannot render: {e}\n"))

@@ -90,6 +90,9 @@ pub struct Config {
     /// Local callbacks (`postgresql.callbacks`, `pre_promote`, `before_stop`): from this file
     /// only, never from the DCS.
     pub callbacks: Callbacks,
+    /// The agent warns in its log when a certificate it uses expires within this many days
+    /// (`pgkeep.certificate_expiry_warning_days`, default 30).
+    pub certificate_expiry_warning_days: u32,
     /// Key paths of secrets written inline in the file (rather than in a password file); such a
     /// file must not be readable by group or others.
     pub inline_secret_keys: Vec<String>,

@@ -250,4 +250,6 @@ pub(super) struct RawPgkeep {
     pub(super) callback_timeout: Option<u64>,
     #[serde(default)]
     pub(super) callback_primary_role: Option<String>,
+    #[serde(default)]
+    pub(super) certificate_expiry_warning_days: Option<u32>,
 }

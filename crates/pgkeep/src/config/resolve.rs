@@ -163,6 +163,16 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         client,
     };
 
+    let certificate_expiry_warning_days = match raw_pgkeep.certificate_expiry_warning_days {
+        None => 30,
+        Some(d) if (1..=3650).contains(&d) => d,
+        Some(d) => {
+            return Err(err(
+                "pgkeep.certificate_expiry_warning_days",
+                format!("{d} is out of range (1 to 3650)"),
+            ));
+        }
+    };
     let mut dynamic_parameter_allowlist = BTreeSet::new();
     for (i, n) in raw_pgkeep.dynamic_parameter_allowlist.iter().enumerate() {
         let key = format!("pgkeep.dynamic_parameter_allowlist[{i}]");
@@ -435,6 +445,7 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         watchdog,
         log,
         dynamic_parameter_allowlist,
+        certificate_expiry_warning_days,
         cluster_networks,
         insecure,
         callbacks,

@@ -159,6 +159,7 @@ pub(super) const ROOT: &[Entry] = &[
             leaf("cluster_networks"),
             leaf("callback_timeout"),
             leaf("callback_primary_role"),
+            leaf("certificate_expiry_warning_days"),
             section(
                 "insecure",
                 &[

@@ -21,7 +21,7 @@ mod rpc;
 pub mod settings;
 pub mod watch;
 
-pub use etcd::EtcdDcs;
+pub use etcd::{EtcdDcs, TlsReload};
 pub use settings::{EtcdSettings, TlsFiles};
 pub use watch::{ClusterWatch, WatchState};
 

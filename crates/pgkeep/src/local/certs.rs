@@ -91,31 +91,16 @@ pub fn ca(layout: &Layout, inv: &Inventory) -> Result<Ca> {
     Ok(ca)
 }
 
-/// Issues `service`/`name` into `dir` unless both files exist; makes them owned by `owner`.
-fn ensure(
-    ca: &Ca,
-    dir: &Path,
-    service: Service,
-    name: &str,
-    sans: (Vec<String>, Vec<IpAddr>),
-    owner: Option<&ServiceUser>,
-) -> Result<Pair> {
-    let p = pair(dir, service, name);
+/// Issues `t` unless both of its files exist; makes them owned by its owner.
+fn ensure(ca: &Ca, t: &Target) -> Result<Pair> {
+    let p = t.pair();
     if !(p.cert.exists() && p.key.exists()) {
-        let req = ServiceCert {
-            service,
-            name: name.to_owned(),
-            role: None,
-            dns_names: sans.0,
-            ip_addresses: sans.1,
-            validity_days: DEFAULT_LEAF_DAYS,
-        }
-        .request()?;
+        let req = t.request(DEFAULT_LEAF_DAYS)?;
         ca.issue(&req)
-            .and_then(|i| i.write(dir, &format!("{service}-{name}")))
-            .with_context(|| format!("issuing the {service} certificate for {name}"))?;
+            .and_then(|i| i.write(&t.dir, &format!("{}-{}", t.service, t.name)))
+            .with_context(|| format!("issuing the {} certificate for {}", t.service, t.name))?;
     }
-    if let Some(u) = owner {
+    if let Some(u) = &t.owner {
         u.chown(&p.cert)?;
         u.chown(&p.key)?;
     }
@@ -128,6 +113,111 @@ pub fn haproxy_client(layout: &Layout, lb: &str) -> Pair {
     pair(&layout.haproxy_dir(), Service::HaProxy, lb)
 }
 
+/// One certificate of the environment: its profile, where it lives and who owns it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The service (fixes usage and common name).
+    pub service: Service,
+    /// Node, member, load balancer or operator name.
+    pub name: String,
+    /// The directory of `<service>-<name>.{crt,key}`.
+    pub dir: PathBuf,
+    /// Host names and addresses (server certificates).
+    pub sans: (Vec<String>, Vec<IpAddr>),
+    /// The owner of both files (`None`: root).
+    pub owner: Option<ServiceUser>,
+}
+
+impl Target {
+    /// The certificate and key files.
+    pub fn pair(&self) -> Pair {
+        pair(&self.dir, self.service, &self.name)
+    }
+
+    /// The request these rules give, valid for `days`.
+    pub fn request(&self, days: u32) -> Result<crate::pki::CertRequest> {
+        Ok(ServiceCert {
+            service: self.service,
+            name: self.name.clone(),
+            role: None,
+            dns_names: self.sans.0.clone(),
+            ip_addresses: self.sans.1.clone(),
+            validity_days: days,
+        }
+        .request()?)
+    }
+}
+
+/// Every certificate of the environment (HAProxy's only when its user is given): per node its
+/// PostgreSQL and REST API server certificates and its REST API, etcd, replication and rewind
+/// client certificates; per etcd member its server/peer certificate; HAProxy's client
+/// certificate; the operator's REST API and etcd client certificates.
+pub fn targets(
+    layout: &Layout,
+    inv: &Inventory,
+    postgres: &ServiceUser,
+    etcd: &ServiceUser,
+    haproxy: Option<&ServiceUser>,
+) -> Vec<Target> {
+    let mut out = Vec::new();
+    let none = || (Vec::new(), Vec::new());
+    let lb = inv.load_balancer.as_ref().map(|l| inv.fqdn(&l.name));
+    for h in &inv.database_hosts {
+        let dir = node_tls(layout, &h.name);
+        let fqdn = inv.fqdn(&h.name);
+        let mut pg_names = vec![fqdn.clone()];
+        pg_names.extend(lb.clone());
+        let target = |service, sans| Target {
+            service,
+            name: h.name.clone(),
+            dir: dir.clone(),
+            sans,
+            owner: Some(postgres.clone()),
+        };
+        out.push(target(Service::Postgres, (pg_names, vec![h.address])));
+        out.push(target(Service::RestApi, (vec![fqdn], vec![h.address])));
+        for svc in [
+            Service::RestApiClient,
+            Service::EtcdClient,
+            Service::Replication,
+            Service::Rewind,
+        ] {
+            out.push(target(svc, none()));
+        }
+    }
+    for m in &inv.etcd_hosts {
+        out.push(Target {
+            service: Service::EtcdServer,
+            name: m.name.clone(),
+            dir: etcd_tls(layout, &m.name),
+            sans: (vec![inv.fqdn(&m.name)], vec![m.address]),
+            owner: Some(etcd.clone()),
+        });
+    }
+    if let (Some(user), Some(lb)) = (haproxy, &inv.load_balancer) {
+        out.push(Target {
+            service: Service::HaProxy,
+            name: lb.name.clone(),
+            dir: layout.haproxy_dir(),
+            sans: none(),
+            owner: Some(user.clone()),
+        });
+    }
+    for (service, name) in [
+        (Service::Operator, OPERATOR_NAME),
+        (Service::EtcdClient, "operator"),
+    ] {
+        out.push(Target {
+            service,
+            name: name.to_owned(),
+            dir: layout.pki(),
+            sans: none(),
+            owner: None,
+        });
+    }
+    out
+}
+
 /// Issues every certificate of the environment that does not exist yet (HAProxy's only when
 /// its user is given).
 pub fn issue_all(
@@ -138,47 +228,13 @@ pub fn issue_all(
     haproxy: Option<&ServiceUser>,
 ) -> Result<()> {
     let ca = ca(layout, inv)?;
-    let none = || (Vec::new(), Vec::new());
-    let lb = inv.load_balancer.as_ref().map(|l| inv.fqdn(&l.name));
     for h in &inv.database_hosts {
-        let dir = node_tls(layout, &h.name);
-        super::files::dir(&dir, 0o700, Some(postgres))?;
-        let fqdn = inv.fqdn(&h.name);
-        let mut pg_names = vec![fqdn.clone()];
-        pg_names.extend(lb.clone());
-        let own = Some(postgres);
-        ensure(
-            &ca,
-            &dir,
-            Service::Postgres,
-            &h.name,
-            (pg_names, vec![h.address]),
-            own,
-        )?;
-        ensure(
-            &ca,
-            &dir,
-            Service::RestApi,
-            &h.name,
-            (vec![fqdn], vec![h.address]),
-            own,
-        )?;
-        for svc in [
-            Service::RestApiClient,
-            Service::EtcdClient,
-            Service::Replication,
-            Service::Rewind,
-        ] {
-            ensure(&ca, &dir, svc, &h.name, none(), own)?;
-        }
+        super::files::dir(&node_tls(layout, &h.name), 0o700, Some(postgres))?;
     }
     for m in &inv.etcd_hosts {
-        let dir = etcd_tls(layout, &m.name);
-        super::files::dir(&dir, 0o700, Some(etcd))?;
-        let sans = (vec![inv.fqdn(&m.name)], vec![m.address]);
-        ensure(&ca, &dir, Service::EtcdServer, &m.name, sans, Some(etcd))?;
+        super::files::dir(&etcd_tls(layout, &m.name), 0o700, Some(etcd))?;
     }
-    if let (Some(user), Some(lb)) = (haproxy, &inv.load_balancer) {
+    if let (Some(user), Some(_)) = (haproxy, &inv.load_balancer) {
         // root:haproxy 0750: HAProxy reads its files here and cannot change the directory.
         let owner = ServiceUser {
             name: "root".into(),
@@ -186,30 +242,9 @@ pub fn issue_all(
             gid: user.gid,
         };
         super::files::dir(&layout.haproxy_dir(), 0o750, Some(&owner))?;
-        ensure(
-            &ca,
-            &layout.haproxy_dir(),
-            Service::HaProxy,
-            &lb.name,
-            none(),
-            Some(user),
-        )?;
     }
-    ensure(
-        &ca,
-        &layout.pki(),
-        Service::Operator,
-        OPERATOR_NAME,
-        none(),
-        None,
-    )?;
-    ensure(
-        &ca,
-        &layout.pki(),
-        Service::EtcdClient,
-        "operator",
-        none(),
-        None,
-    )?;
+    for t in targets(layout, inv, postgres, etcd, haproxy) {
+        ensure(&ca, &t)?;
+    }
     Ok(())
 }

@@ -31,6 +31,7 @@ pub mod files;
 pub mod haproxy;
 pub mod health;
 pub mod hosts;
+pub mod rotate;
 pub mod spawn;
 pub mod up;
 

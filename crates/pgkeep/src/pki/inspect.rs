@@ -86,6 +86,18 @@ pub fn inspect_pem(pem: &[u8], path: &Path, now: OffsetDateTime) -> Result<CertI
             reason: "no PEM CERTIFICATE section found in the file".to_owned(),
         });
     };
+    inspect_der(der, path, now, certs.len())
+}
+
+/// Describes one DER certificate; `path` names it in errors and in the result (for a
+/// certificate presented by a server, its address), `in_file` is how many certificates came
+/// with it.
+pub fn inspect_der(
+    der: &[u8],
+    path: &Path,
+    now: OffsetDateTime,
+    in_file: usize,
+) -> Result<CertInfo, PkiError> {
     let bad = |reason: String| PkiError::Certificate {
         path: path.to_path_buf(),
         reason,
@@ -192,7 +204,7 @@ pub fn inspect_pem(pem: &[u8], path: &Path, now: OffsetDateTime) -> Result<CertI
         dns_names,
         ip_addresses,
         public_key,
-        certificates_in_file: certs.len(),
+        certificates_in_file: in_file,
     })
 }
 

@@ -70,6 +70,8 @@
 mod ca;
 mod inspect;
 mod pem;
+pub mod probe;
+pub mod rotate;
 mod service;
 
 use std::net::IpAddr;
@@ -78,7 +80,7 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 
 pub use ca::Ca;
-pub use inspect::{CertInfo, inspect, inspect_pem};
+pub use inspect::{CertInfo, inspect, inspect_der, inspect_pem};
 pub use service::{Service, ServiceCert};
 
 /// Default validity of a CA created by pgkeep, in days (about ten years).
@@ -181,6 +183,14 @@ pub enum PkiError {
     /// Building or signing the certificate failed.
     #[error("certificate generation failed: {0}")]
     Generate(String),
+    /// A listener could not be reached or did not present a verifiable certificate.
+    #[error("{target}: {reason}")]
+    Probe {
+        /// The listener: address and expected name.
+        target: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl From<rcgen::Error> for PkiError {

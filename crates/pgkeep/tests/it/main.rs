@@ -14,4 +14,5 @@ mod netbed;
 mod ops;
 mod pki;
 mod quickstart;
+mod rotate;
 mod security;
