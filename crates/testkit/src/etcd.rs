@@ -287,6 +287,35 @@ impl EtcdCluster {
         Ok(())
     }
 
+    /// Freezes member `i` with `SIGSTOP`: it keeps accepting TCP connections (the kernel
+    /// completes the handshakes) but never answers. It resumes when the result is dropped.
+    pub fn freeze_member(&self, i: usize) -> Result<crate::faults::Frozen> {
+        let m = self.member(i)?;
+        let pid = self
+            .member_pid(i)
+            .with_context(|| format!("etcd member {} is not running", m.node.name))?;
+        crate::faults::Frozen::stop([i32::try_from(pid).context("pid")?])
+    }
+
+    /// The index of the member that is the raft leader, as `etcdctl endpoint status` reports
+    /// it (asked of each running member; the first that answers `IS LEADER = true` wins).
+    pub fn raft_leader(&self) -> Result<usize> {
+        let mut last = String::new();
+        for i in 0..self.members.len() {
+            if !self.is_member_running(i) {
+                continue;
+            }
+            let out = self.etcdctl_member(i, &["endpoint", "status", "-w", "simple"])?;
+            // ENDPOINT, ID, VERSION, DB SIZE, IS LEADER, IS LEARNER, RAFT TERM, ...
+            let fields: Vec<&str> = out.stdout.trim().split(", ").collect();
+            if out.success() && fields.get(4) == Some(&"true") {
+                return Ok(i);
+            }
+            last = format!("{}{}", out.stdout, out.stderr);
+        }
+        bail!("no running etcd member reports itself as leader; last answer: {last}")
+    }
+
     /// Restarts stopped member `i` on its existing data (`--initial-cluster-state existing`)
     /// and waits until it listens for clients (not until it is healthy: with quorum lost it
     /// cannot be; use [`EtcdCluster::wait_healthy`]).

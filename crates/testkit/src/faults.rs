@@ -1,6 +1,7 @@
 //! Faults on a running [`AgentCluster`]: the loss of a whole node, of its PostgreSQL alone, or
-//! of its agent alone (killed or frozen). Every process is addressed by PID, found from the
-//! agent's process and `postmaster.pid`, never by name.
+//! of its agent alone (killed or frozen), and [`Frozen`] processes that are resumed whatever
+//! happens. Every process is addressed by PID, found from the agent's process and
+//! `postmaster.pid`, never by name.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -45,6 +46,46 @@ pub fn process_tree(root: i32) -> BTreeSet<i32> {
         }
     }
     tree
+}
+
+/// Processes stopped with `SIGSTOP`, each identified by PID and start time; they get `SIGCONT`
+/// when this is dropped (also while a test panics), so a failing test never leaves a frozen
+/// process behind. A process that exited (or whose PID was reused) is left alone.
+#[derive(Debug)]
+pub struct Frozen {
+    procs: Vec<(i32, Option<u64>)>,
+}
+
+impl Frozen {
+    /// Sends `SIGSTOP` to every process of `pids`, in order.
+    pub fn stop(pids: impl IntoIterator<Item = i32>) -> Result<Frozen> {
+        let mut frozen = Frozen { procs: Vec::new() };
+        for pid in pids {
+            let start = u32::try_from(pid).ok().and_then(crate::proc::start_time);
+            kill(Pid::from_raw(pid), Signal::SIGSTOP).with_context(|| format!("SIGSTOP {pid}"))?;
+            frozen.procs.push((pid, start));
+        }
+        Ok(frozen)
+    }
+
+    /// The frozen PIDs.
+    pub fn pids(&self) -> Vec<i32> {
+        self.procs.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// Resumes every process now (the same as dropping it).
+    pub fn resume(self) {}
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for (pid, start) in &self.procs {
+            let same = u32::try_from(*pid).is_ok_and(|p| crate::proc::owner_alive(p, *start));
+            if same {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGCONT);
+            }
+        }
+    }
 }
 
 fn signal_all(pids: &BTreeSet<i32>, sig: Signal) {

@@ -55,7 +55,7 @@ pub use agents::{API_USER, Agent, AgentCluster, DcsOptions};
 pub use bedcluster::{BedAgentCluster, BedEtcdCluster};
 pub use env::{ClientCert, Env, Node, ServiceUser};
 pub use etcd::{ETCD_CLIENT_CN, EtcdCluster};
-pub use faults::process_tree;
+pub use faults::{Frozen, process_tree};
 pub use haproxy::Haproxy;
 pub use netns::NetBed;
 pub use postgres::PgInstance;

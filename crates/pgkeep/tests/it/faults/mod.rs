@@ -3,9 +3,12 @@
 //! synchronous mode, never two primaries committing at once, a healthy cluster again within a
 //! bound. Each test prints its figures (`cargo nextest ... --no-capture` shows them).
 
+mod etcd;
+mod manual;
 mod partition;
 mod planned;
 mod slots;
+mod stuck;
 mod unplanned;
 mod writer;
 
@@ -223,6 +226,103 @@ impl Bed {
             }
         }
         assert_eq!(stalled, 2, "the primary should have two walsenders");
+    }
+}
+
+/// The leader key as etcd holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LeaderKey {
+    holder: String,
+    lease: i64,
+    /// Changes only when the key is deleted (released, expired, revoked) and created again.
+    create_revision: i64,
+}
+
+/// Copies the environment's logs (etcd members, agents, fence guards) to
+/// `/tmp/pgkeep-fault-logs/<name>/` when dropped during a panic, or always with
+/// `PGKEEP_TEST_SAVE_LOGS` set. It holds the environment, so the logs are still there.
+struct KeepLogs {
+    env: Env,
+    name: String,
+}
+
+impl Drop for KeepLogs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() && std::env::var_os("PGKEEP_TEST_SAVE_LOGS").is_none() {
+            return;
+        }
+        let dir = std::path::Path::new("/tmp/pgkeep-fault-logs").join(&self.name);
+        let _ = std::fs::create_dir_all(&dir);
+        if let Ok(rd) = std::fs::read_dir(self.env.root().join("logs")) {
+            for e in rd.flatten() {
+                let _ = std::fs::copy(e.path(), dir.join(e.file_name()));
+            }
+        }
+        eprintln!("logs saved in {}", dir.display());
+    }
+}
+
+impl Bed {
+    fn name(&self, i: usize) -> String {
+        self.c.agents[i].node.name.clone()
+    }
+
+    fn keep_logs(&self, name: &str) -> KeepLogs {
+        KeepLogs {
+            env: self.env.clone(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The leader key, read through etcd member `via` only (or any member). `Err` when etcd
+    /// did not answer.
+    fn leader_key(&self, via: Option<usize>) -> Result<Option<LeaderKey>, String> {
+        use base64::Engine;
+        let key = format!("/service/{}/leader", self.c.scope);
+        let args = ["get", key.as_str(), "-w", "json"];
+        let out = match via {
+            Some(m) => self.etcd.etcdctl_member(m, &args),
+            None => self.etcd.etcdctl(&args),
+        }
+        .map_err(|e| format!("{e:#}"))?;
+        if !out.success() {
+            return Err(out.stderr);
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(out.stdout.trim()).map_err(|e| e.to_string())?;
+        let Some(kv) = v["kvs"].as_array().and_then(|a| a.first()) else {
+            return Ok(None);
+        };
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(kv["value"].as_str().unwrap_or_default())
+            .map_err(|e| e.to_string())?;
+        Ok(Some(LeaderKey {
+            holder: String::from_utf8_lossy(&value).into_owned(),
+            lease: kv["lease"].as_i64().unwrap_or(0),
+            create_revision: kv["create_revision"].as_i64().unwrap_or(0),
+        }))
+    }
+
+    /// `/sync`: the leader it names and its synchronous standbys.
+    fn sync_key(&self) -> Option<(String, Vec<String>)> {
+        let out = self
+            .etcd
+            .etcdctl(&[
+                "get",
+                &format!("/service/{}/sync", self.c.scope),
+                "--print-value-only",
+            ])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).ok()?;
+        let mut standbys: Vec<String> = v["sync_standby"]
+            .as_str()
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        standbys.sort();
+        Some((v["leader"].as_str()?.to_owned(), standbys))
     }
 }
 
