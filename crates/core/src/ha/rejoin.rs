@@ -110,12 +110,36 @@ pub(crate) fn follow(cx: &mut Ctx<'_>, leader: &str) -> Plan {
         leader_member.is_some_and(super::member::leader_history_authoritative),
     );
     let upstream = desired_upstream(cx, leader);
-    // A replica streaming from the leader is on the leader's history (PostgreSQL would refuse to
-    // stream otherwise), whatever a stale view says.
-    let div = if pg.is_running_replica() && pg.streaming && pg.upstream.as_deref() == Some(leader) {
+    let leader_tl = leader_member.and_then(|m| m.timeline);
+    // A replica streaming from the leader on (at least) the leader's published timeline is on
+    // the leader's history (PostgreSQL would refuse to stream otherwise), whatever a stale view
+    // says. Not on an older timeline: a replica that followed the new leader before it promoted
+    // can be past the new timeline's switch point while its receiver still says "streaming".
+    let div = if pg.is_running_replica()
+        && pg.streaming
+        && pg.upstream.as_deref() == Some(leader)
+        && leader_tl.is_none_or(|t| pg.timeline.is_some_and(|ours| ours >= t))
+    {
         Divergence::No
     } else {
         div
+    };
+    // A stopped former primary on the leader's timeline with WAL past what the leader has
+    // published, while the leader has not promoted yet: once it does, that WAL is past the
+    // switch point. Starting now would serve those commits (lost to the cluster) to readers
+    // until the rewind; wait for the new timeline instead.
+    let div = match (div, leader_member) {
+        (Divergence::No, Some(l))
+            if pg.process == PgProcess::Stopped
+                && !pg.in_recovery
+                && l.role != "primary"
+                && leader_tl.is_some()
+                && pg.timeline == leader_tl
+                && l.xlog_location.is_some_and(|x| pg.wal_position > x) =>
+        {
+            Divergence::Unknown
+        }
+        (d, _) => d,
     };
     match pg.process {
         PgProcess::Starting | PgProcess::Stopping | PgProcess::Promoting => {

@@ -39,9 +39,43 @@ type EndpointUpdater = tokio::sync::mpsc::Sender<
 /// TLS files in use (its lock serialises reloads).
 struct Transport {
     updater: std::sync::Mutex<Option<EndpointUpdater>>,
+    /// The endpoints in use (TLS only), for [`Transport::reconnect`].
+    endpoints: std::sync::Mutex<Vec<tonic::transport::Endpoint>>,
+    /// When [`Transport::reconnect`] last replaced the connections.
+    reconnected: std::sync::Mutex<Option<std::time::Instant>>,
     digest: Mutex<Option<u64>>,
     /// The normalised endpoint URLs the client was made with.
     urls: Vec<String>,
+}
+
+impl Transport {
+    /// Replaces every endpoint's connection with a new one (at most every 2 s). A frozen member
+    /// (SIGSTOP, a hung host) still accepts TCP, so the balancer keeps its connection ready and
+    /// keeps sending it requests until HTTP/2 keepalive notices, some 15 s later; a new
+    /// connection to it hangs in the TLS handshake instead and the balancer uses the others.
+    fn reconnect(&self) {
+        let now = std::time::Instant::now();
+        if let Ok(mut last) = self.reconnected.lock() {
+            if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(2)) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let endpoints = self.endpoints.lock().map(|e| e.clone()).unwrap_or_default();
+        let Some(updater) = self.updater.lock().ok().and_then(|u| u.clone()) else {
+            return;
+        };
+        if endpoints.is_empty() {
+            return;
+        }
+        tracing::info!("an etcd request timed out; opening new connections to every endpoint");
+        for ep in endpoints {
+            let change = tonic::transport::channel::Change::Insert(ep.uri().clone(), ep);
+            if updater.try_send(change).is_err() {
+                tracing::debug!("the etcd endpoint feed is full; reconnect skipped");
+            }
+        }
+    }
 }
 
 /// Builds etcd-client's balanced channel as etcd-client does, keeping its endpoint feed.
@@ -139,8 +173,16 @@ impl EtcdDcs {
         // no-op (an Err we ignore) when something else installed one first.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (endpoints, options, digest) = connect_options(settings)?;
+        // The same endpoints as the client's, kept to reconnect after a timeout (TLS only; a
+        // plaintext client, an insecure override, does not reconnect).
+        let kept = client_identity(settings)
+            .ok()
+            .and_then(|id| endpoints_with(settings, &id).ok())
+            .unwrap_or_default();
         let transport = Arc::new(Transport {
             updater: std::sync::Mutex::new(None),
+            endpoints: std::sync::Mutex::new(kept),
+            reconnected: std::sync::Mutex::new(None),
             digest: Mutex::new(digest),
             urls: endpoints.clone(),
         });
@@ -213,6 +255,9 @@ impl EtcdDcs {
                 .await
                 .map_err(|_| DcsError::Config("the etcd client's channel is closed".into()))?;
         }
+        if let Ok(mut kept) = self.transport.endpoints.lock() {
+            *kept = endpoints_with(settings, &identity)?;
+        }
         *digest = Some(identity.digest);
         drop(digest);
         *self.keepalive.lock().await = None;
@@ -273,11 +318,17 @@ impl EtcdDcs {
         lease: Option<i64>,
         txn: Txn,
     ) -> Result<(TxnResponse, u32), DcsError> {
-        rpc::call(op, self.budget, lease, |attempt| {
-            let mut c = self.client.clone();
-            let txn = txn.clone();
-            async move { c.txn(txn).await.map(|r| (r, attempt)) }
-        })
+        rpc::call_with(
+            op,
+            self.budget,
+            lease,
+            &|| self.transport.reconnect(),
+            |attempt| {
+                let mut c = self.client.clone();
+                let txn = txn.clone();
+                async move { c.txn(txn).await.map(|r| (r, attempt)) }
+            },
+        )
         .await
     }
 
@@ -289,21 +340,33 @@ impl EtcdDcs {
         lease: Option<i64>,
     ) -> Result<(), DcsError> {
         let options = lease.map(|l| PutOptions::new().with_lease(l));
-        rpc::call(op, self.budget, lease, |_| {
-            let mut c = self.client.clone();
-            let (key, value, options) = (key.clone(), value.clone(), options.clone());
-            async move { c.put(key, value, options).await.map(drop) }
-        })
+        rpc::call_with(
+            op,
+            self.budget,
+            lease,
+            &|| self.transport.reconnect(),
+            |_| {
+                let mut c = self.client.clone();
+                let (key, value, options) = (key.clone(), value.clone(), options.clone());
+                async move { c.put(key, value, options).await.map(drop) }
+            },
+        )
         .await
     }
 
     async fn delete(&self, op: &'static str, key: String, prefix: bool) -> Result<i64, DcsError> {
         let options = prefix.then(|| etcd_client::DeleteOptions::new().with_prefix());
-        rpc::call(op, self.budget, None, |_| {
-            let mut c = self.client.clone();
-            let (key, options) = (key.clone(), options.clone());
-            async move { c.delete(key, options).await.map(|r| r.deleted()) }
-        })
+        rpc::call_with(
+            op,
+            self.budget,
+            None,
+            &|| self.transport.reconnect(),
+            |_| {
+                let mut c = self.client.clone();
+                let (key, options) = (key.clone(), options.clone());
+                async move { c.delete(key, options).await.map(|r| r.deleted()) }
+            },
+        )
         .await
     }
 
@@ -410,11 +473,17 @@ impl EtcdDcs {
 impl Dcs for EtcdDcs {
     async fn load(&self) -> Result<Snapshot, DcsError> {
         let prefix = self.prefix.clone();
-        let resp = rpc::call("load", self.budget, None, |_| {
-            let mut c = self.client.clone();
-            let prefix = prefix.clone();
-            async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        })
+        let resp = rpc::call_with(
+            "load",
+            self.budget,
+            None,
+            &|| self.transport.reconnect(),
+            |_| {
+                let mut c = self.client.clone();
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            },
+        )
         .await?;
         let entries: BTreeMap<String, RawEntry> = resp
             .kvs()
@@ -430,10 +499,16 @@ impl Dcs for EtcdDcs {
     }
 
     async fn grant_lease(&self, ttl_secs: i64) -> Result<Lease, DcsError> {
-        let resp = rpc::call("grant_lease", self.budget, None, |_| {
-            let mut c = self.client.clone();
-            async move { c.lease_grant(ttl_secs, None).await }
-        })
+        let resp = rpc::call_with(
+            "grant_lease",
+            self.budget,
+            None,
+            &|| self.transport.reconnect(),
+            |_| {
+                let mut c = self.client.clone();
+                async move { c.lease_grant(ttl_secs, None).await }
+            },
+        )
         .await?;
         if !resp.error().is_empty() || resp.ttl() <= 0 {
             return Err(DcsError::Unavailable {
@@ -449,9 +524,13 @@ impl Dcs for EtcdDcs {
     }
 
     async fn keepalive(&self, lease: i64) -> Result<KeepaliveReply, DcsError> {
-        rpc::call("keepalive", self.budget, Some(lease), |_| {
-            self.keepalive_once(lease)
-        })
+        rpc::call_with(
+            "keepalive",
+            self.budget,
+            Some(lease),
+            &|| self.transport.reconnect(),
+            |_| self.keepalive_once(lease),
+        )
         .await
     }
 
@@ -462,10 +541,16 @@ impl Dcs for EtcdDcs {
                 *slot = None;
             }
         }
-        let r = rpc::call("revoke", self.budget, Some(lease), |_| {
-            let mut c = self.client.clone();
-            async move { c.lease_revoke(lease).await.map(drop) }
-        })
+        let r = rpc::call_with(
+            "revoke",
+            self.budget,
+            Some(lease),
+            &|| self.transport.reconnect(),
+            |_| {
+                let mut c = self.client.clone();
+                async move { c.lease_revoke(lease).await.map(drop) }
+            },
+        )
         .await;
         match r {
             Err(DcsError::LeaseNotFound { .. }) => Ok(()),

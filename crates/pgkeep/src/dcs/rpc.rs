@@ -125,6 +125,23 @@ pub(crate) async fn call<T, F, Fut>(
     op: &'static str,
     budget: Budget,
     lease: Option<i64>,
+    attempt: F,
+) -> Result<T, DcsError>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    call_with(op, budget, lease, &|| {}, attempt).await
+}
+
+/// [`call`], running `on_timeout` after an attempt that timed out (before the next attempt):
+/// the client's balancer may keep sending to a member that accepts connections but never
+/// answers (frozen), so the caller can make it open new connections.
+pub(crate) async fn call_with<T, F, Fut>(
+    op: &'static str,
+    budget: Budget,
+    lease: Option<i64>,
+    on_timeout: &(dyn Fn() + Sync),
     mut attempt: F,
 ) -> Result<T, DcsError>
 where
@@ -164,6 +181,7 @@ where
             Err(_elapsed) => {
                 tracing::debug!(op, attempt = n, timeout = ?budget.attempt, "etcd call timed out, retrying");
                 last_timed_out = true;
+                on_timeout();
             }
         }
         if Instant::now() + backoff >= deadline {

@@ -320,3 +320,38 @@ fn rewind_waits_for_the_new_primarys_checkpoint_after_promotion() {
         }]
     );
 }
+
+/// A replica that switched to the new leader before it promoted, with WAL past the new
+/// timeline's switch point: its receiver may still say "streaming", but it is on the old
+/// timeline and must be rewound.
+#[test]
+fn streaming_on_an_older_timeline_than_the_leader_is_not_trusted() {
+    let mut fx = former_primary(950);
+    fx.obs.pg.process = PgProcess::Running;
+    fx.obs.pg.in_recovery = true;
+    fx.obs.pg.upstream = Some("n2".into());
+    fx.obs.pg.streaming = true;
+    fx.obs.pg.timeline = Some(1);
+    assert!(matches!(fx.decide().reason, Reason::Diverged { .. }));
+}
+
+/// A crashed former primary on the timeline of a leader that has not promoted yet, with WAL
+/// past what that leader published: it waits for the new timeline instead of starting (it
+/// would serve commits the cluster lost).
+#[test]
+fn former_primary_ahead_of_a_leader_still_taking_over_waits() {
+    let mut fx = former_primary(950);
+    fx.view.history = Some(Vec::new());
+    let l = fx.member("n2");
+    l.role = "replica".into();
+    l.timeline = Some(1);
+    l.xlog_location = Some(Lsn(900));
+    l.other.insert(HISTORY_TL_FIELD.into(), 1.into());
+    fx.obs.pg.timeline = Some(1);
+    let d = fx.decide();
+    assert_eq!(d.reason, Reason::WaitingForHistory);
+    assert!(!d.has(|a| matches!(a, Action::Start { .. })));
+    // At or behind the leader's position it starts as usual.
+    fx.obs.pg.wal_position = Lsn(900);
+    assert!(fx.decide().has(|a| matches!(a, Action::Start { .. })));
+}

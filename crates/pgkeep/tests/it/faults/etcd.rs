@@ -320,21 +320,11 @@ fn one_member_frozen(name: &str, raft_leader: bool) {
 }
 
 #[test]
-#[ignore = "product bug: with one etcd member hung, the agent's etcd client keeps sending \
-            retries to it until HTTP/2 keepalive drops it (~13 s); the primary comes within \
-            1.5-2.9 s of fencing itself in 5 runs of 7 (bound 3 s). See the fault-test \
-            report, item 9 (c')"]
 fn etcd_follower_frozen_does_not_cost_the_primary_its_lease() {
     one_member_frozen("fetcdfrzf", false);
 }
 
 #[test]
-#[ignore = "product bugs: with one etcd member hung, the agent's etcd client keeps sending \
-            retries to it until HTTP/2 keepalive drops it (~13 s): the primary comes within \
-            1.5-2.9 s of fencing itself in 5 runs of 7 (bound 3 s); and once, after the \
-            resumed stale raft leader revoked every lease (etcd#15247), a replica past the new \
-            timeline's switch point kept following without streaming. See the fault-test \
-            report, item 9 (c')"]
 fn etcd_raft_leader_frozen_does_not_cost_the_primary_its_lease() {
     one_member_frozen("fetcdfrzl", true);
 }
