@@ -9,6 +9,10 @@ use super::types::Millis;
 /// to its minimum, which is why pgkeep computes its deadline from the TTL etcd *granted*.
 pub const MIN_TTL: Millis = Millis(2_000);
 
+/// The smallest `lease_safety_margin`: fencing (fast shutdown 0.5 s, SIGQUIT 0.3 s, SIGKILL)
+/// and the guard's polling must fit between the lease deadline and the lease's real expiry.
+pub const MIN_MARGIN: Millis = Millis(1_000);
+
 /// The smallest `loop_wait` and `retry_timeout`.
 pub const MIN_INTERVAL: Millis = Millis(100);
 
@@ -123,9 +127,9 @@ pub enum ConfigError {
     /// Patroni's rule: a primary cut off from the DCS must notice before its key expires.
     #[error("loop_wait + 2*retry_timeout = {0} exceeds ttl {1}")]
     LoopTooSlow(Millis, Millis),
-    /// The margin must be positive and leave time for a renewal before the deadline.
+    /// The margin must cover fencing and leave time for a renewal before the deadline.
     #[error(
-        "lease_safety_margin {margin} must be > 0 and loop_wait + retry_timeout + margin <= ttl {ttl}"
+        "lease_safety_margin {margin} must be at least {MIN_MARGIN} (stopping PostgreSQL takes up to a second) and loop_wait + retry_timeout + margin <= ttl {ttl}"
     )]
     BadMargin {
         /// Margin.
@@ -160,7 +164,7 @@ impl HaConfig {
         if cycle > self.ttl {
             return Err(ConfigError::LoopTooSlow(cycle, self.ttl));
         }
-        if self.lease_safety_margin == Millis::ZERO
+        if self.lease_safety_margin < MIN_MARGIN
             || self.loop_wait + self.retry_timeout + self.lease_safety_margin > self.ttl
         {
             return Err(ConfigError::BadMargin {
@@ -217,7 +221,7 @@ mod tests {
     #[test]
     fn ttl_below_ten_seconds_is_allowed_down_to_etcds_minimum() {
         cfg(5_000, 1_000, 2_000, 1_000).validate().unwrap();
-        cfg(2_000, 500, 500, 500).validate().unwrap();
+        cfg(2_000, 500, 500, 1_000).validate().unwrap();
         assert_eq!(
             cfg(1_000, 100, 100, 100).validate(),
             Err(ConfigError::TtlTooSmall(Millis(1_000)))
@@ -229,11 +233,14 @@ mod tests {
     }
 
     #[test]
-    fn margin_must_be_positive_and_leave_room_for_a_renewal() {
-        assert!(matches!(
-            cfg(10_000, 2_000, 4_000, 0).validate(),
-            Err(ConfigError::BadMargin { .. })
-        ));
+    fn margin_must_cover_fencing_and_leave_room_for_a_renewal() {
+        for tiny in [0, 100, 999] {
+            assert!(matches!(
+                cfg(10_000, 2_000, 4_000, tiny).validate(),
+                Err(ConfigError::BadMargin { .. })
+            ));
+        }
+        cfg(10_000, 2_000, 4_000, 1_000).validate().unwrap();
         assert!(matches!(
             cfg(10_000, 2_000, 4_000, 4_001).validate(),
             Err(ConfigError::BadMargin { .. })

@@ -44,8 +44,8 @@ pub use action::{
     SyncStandbyNames, WatchdogCmd,
 };
 pub use config::{
-    ConfigError, DEFAULT_PRIMARY_START_TIMEOUT, HaConfig, LogicalSlotSpec, MIN_INTERVAL, MIN_TTL,
-    SyncMode,
+    ConfigError, DEFAULT_PRIMARY_START_TIMEOUT, HaConfig, LogicalSlotSpec, MIN_INTERVAL,
+    MIN_MARGIN, MIN_TTL, SyncMode,
 };
 pub use decide::decide;
 pub use leader_race::failover_priority;
