@@ -29,6 +29,12 @@ const COPY_RETRY: Duration = Duration::from_secs(30);
 /// persistency and two transaction ids (4 bytes each).
 const RESTART_LSN_OFFSET: usize = NAME_OFFSET + NAMEDATALEN + 16;
 
+/// `confirmed_flush` in `ReplicationSlotPersistentData`, after `restart_lsn` and
+/// `invalidated_at` (8 bytes each).
+const CONFIRMED_FLUSH_OFFSET: usize = RESTART_LSN_OFFSET + 16;
+/// How long a copy waits for local replay to reach the copied slot's position.
+const REPLAY_WAIT: Duration = Duration::from_secs(5);
+
 /// Slot creation waits for running transactions; the HA loop must not.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -142,6 +148,14 @@ impl Shell {
             let restart = check_state(&state, name)?;
             files.push((name.clone(), state, restart));
         }
+        // A copy must not stand past what this replica replayed: promoted before replay got
+        // there, the consumer would skip the new timeline's changes below that position.
+        let ahead = files
+            .iter()
+            .filter_map(|(_, state, _)| lsn_at(state, CONFIRMED_FLUSH_OFFSET))
+            .max()
+            .unwrap_or(0);
+        self.wait_for_replay(ahead).await?;
         // Decoding (and so advancing) a copy reads WAL from its restart_lsn on; a replica made
         // by a base backup started later. Fetch the missing segments from the leader, which
         // keeps them for its own slot.
@@ -242,6 +256,31 @@ impl Shell {
         Ok(wanted.iter().map(|n| (*n).to_owned()).collect())
     }
 
+    /// Waits up to [`REPLAY_WAIT`] until local replay reached `lsn`.
+    async fn wait_for_replay(&self, lsn: u64) -> Result<()> {
+        let deadline = std::time::Instant::now() + REPLAY_WAIT;
+        loop {
+            let replayed = match self.pg_client.as_ref() {
+                Some(c) => c
+                    .query_one("SELECT (pg_last_wal_replay_lsn() - '0/0')::bigint", &[])
+                    .await?
+                    .get::<_, Option<i64>>(0)
+                    .and_then(|v| u64::try_from(v).ok())
+                    .unwrap_or(0),
+                None => bail!("no connection to the local postgres"),
+            };
+            if replayed >= lsn {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "the leader's slot is at {lsn:X}, past this replica's replay ({replayed:X}); copying later"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn psql(&self, conninfo: &str, sql: &str) -> Result<String> {
         let args: Vec<OsString> = ["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"]
             .iter()
@@ -296,10 +335,15 @@ fn check_state(state: &[u8], name: &str) -> Result<u64> {
             String::from_utf8_lossy(&stored[..end])
         );
     }
-    let lsn = state
-        .get(RESTART_LSN_OFFSET..RESTART_LSN_OFFSET + 8)
-        .ok_or_else(|| anyhow!("slot {name}: state file too short"))?;
-    Ok(u64::from_le_bytes(lsn.try_into()?))
+    lsn_at(state, CONFIRMED_FLUSH_OFFSET + 8)
+        .and_then(|_| lsn_at(state, RESTART_LSN_OFFSET))
+        .ok_or_else(|| anyhow!("slot {name}: state file too short"))
+}
+
+/// The little-endian 8-byte position at `offset`.
+fn lsn_at(state: &[u8], offset: usize) -> Option<u64> {
+    let b = state.get(offset..offset + 8)?;
+    Some(u64::from_le_bytes(b.try_into().ok()?))
 }
 
 /// Writes `pg_replslot/<name>/state` durably (PostgreSQL's own modes: 0700 directory, 0600
@@ -360,6 +404,9 @@ mod tests {
         s[RESTART_LSN_OFFSET..RESTART_LSN_OFFSET + 8]
             .copy_from_slice(&0x0500_0028u64.to_le_bytes());
         assert_eq!(check_state(&s, "cdc").unwrap(), 0x0500_0028);
+        s[CONFIRMED_FLUSH_OFFSET..CONFIRMED_FLUSH_OFFSET + 8]
+            .copy_from_slice(&0x0500_0100u64.to_le_bytes());
+        assert_eq!(lsn_at(&s, CONFIRMED_FLUSH_OFFSET), Some(0x0500_0100));
         assert!(check_state(&state("cdc2"), "cdc").is_err());
         assert!(check_state(&state("cdc")[..20], "cdc").is_err());
         let mut bad = state("cdc");
