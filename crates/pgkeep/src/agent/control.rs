@@ -117,6 +117,10 @@ impl Control for AgentControl {
         Control::put_failover(&self.dcs, request, expect)
     }
 
+    fn fresh_view(&self) -> BoxFuture<'_, Option<pgkeep_core::cluster::ClusterView>> {
+        Control::fresh_view(&self.dcs)
+    }
+
     fn live_positions(&self) -> BoxFuture<'_, Option<LivePositions>> {
         Box::pin(async {
             tokio::time::timeout(LIVE_BUDGET, self.read_positions())

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use pgkeep_core::cluster::FailoverRequest;
+use pgkeep_core::cluster::{ClusterView, FailoverRequest};
 use pgkeep_core::policy::GucName;
 use serde_json::{Map, Value};
 
@@ -33,6 +33,13 @@ pub trait Control: Send + Sync {
         request: &'a FailoverRequest,
         expect: Expect,
     ) -> BoxFuture<'a, Result<Cas, ControlError>>;
+
+    /// The cluster as etcd holds it now (a linearizable read), for decisions that must not rest
+    /// on the agent's published view, which can be a cycle behind a write this API just made
+    /// (`DELETE /switchover` right after `POST`). `None`: use the published view.
+    fn fresh_view(&self) -> BoxFuture<'_, Option<ClusterView>> {
+        Box::pin(async { None })
+    }
 
     /// How long `POST /switchover` and `POST /failover` wait for the outcome of an immediate
     /// request, given Patroni's budget (`2 × max(10, loop_wait)` seconds). The default is that
@@ -157,6 +164,18 @@ pub struct LivePositions {
 }
 
 impl Control for EtcdDcs {
+    fn fresh_view(&self) -> BoxFuture<'_, Option<ClusterView>> {
+        Box::pin(async move {
+            match Dcs::load(self).await {
+                Ok(s) => Some(s.view),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the cluster from etcd failed; using the agent's view");
+                    None
+                }
+            }
+        })
+    }
+
     fn put_failover<'a>(
         &'a self,
         request: &'a FailoverRequest,

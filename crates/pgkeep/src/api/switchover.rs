@@ -10,6 +10,7 @@
 //! and address (never credentials).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -147,8 +148,14 @@ async fn post_manual(
         Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let snapshot = state.snapshot();
-    let Some(view) = snapshot.cluster.clone() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_VIEW);
+    // Validated against etcd itself: the published view may be a cycle behind (a request
+    // cleared a moment ago would otherwise make this write conflict).
+    let view = match control.fresh_view().await {
+        Some(v) => Arc::new(v),
+        None => match snapshot.cluster.clone() {
+            Some(v) => v,
+            None => return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_VIEW),
+        },
     };
     let paused = snapshot.status.pause || view.is_paused();
     let accepted = match manual::check_request(kind, &body, &view, now_unix_ms(), paused) {
@@ -240,9 +247,13 @@ pub(super) async fn delete_switchover(
     let Some(control) = state.control.clone() else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_CONTROL);
     };
-    let snapshot = state.snapshot();
-    let Some(view) = snapshot.cluster.clone() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_VIEW);
+    // From etcd itself: the published view may not show a request written a moment ago.
+    let view = match control.fresh_view().await {
+        Some(v) => Arc::new(v),
+        None => match state.snapshot().cluster.clone() {
+            Some(v) => v,
+            None => return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_VIEW),
+        },
     };
     let Some(fo) = view
         .failover

@@ -417,9 +417,6 @@ fn synchronous_node_count_two_waits_for_both_and_loses_nothing() {
 /// operator who schedules by mistake and cancels at once must not be told "no switchover is
 /// scheduled" while etcd holds it and the switchover then happens.
 #[test]
-#[ignore = "product bug: DELETE /switchover decides from the agent's published snapshot \
-            (api/switchover.rs delete_switchover), which lags the POST's etcd write by up to \
-            a cycle: 404 'no switchover is scheduled', then the switchover happens"]
 fn flush_right_after_scheduling_cancels_the_switchover() {
     let name = "fflushnow";
     let b = bed(name, 1, DcsOptions::default());
