@@ -148,8 +148,11 @@ pub(crate) fn on_primary(cx: &mut Ctx<'_>) -> Vec<Action> {
         let added = want
             .iter()
             .any(|w| !pg.sync_standby_names.names.contains(w));
-        if added || cx.mem.sync_change_lsn.is_none() {
-            cx.mem.sync_change_lsn = Some(pg.wal_position);
+        if added {
+            // The threshold is taken once PostgreSQL shows the new standby as synchronous (step
+            // 3), not now: until the reload takes effect, commits are acknowledged by the old
+            // standbys only, and the new one must have them too before it enters `/sync`.
+            cx.mem.sync_change_lsn = None;
         }
         let removes = pg
             .sync_standby_names
@@ -171,8 +174,19 @@ pub(crate) fn on_primary(cx: &mut Ctx<'_>) -> Vec<Action> {
         }
         return vec![Action::SetSyncStandbyNames(target)];
     }
-    // 3. Add to /sync the listed standbys that flushed everything since they were listed.
-    let threshold = *cx.mem.sync_change_lsn.get_or_insert(pg.wal_position);
+    // 3. Add to /sync the listed standbys that flushed everything acknowledged before
+    // PostgreSQL started waiting for them: the threshold is our flush position in the first
+    // observation that shows one of them as synchronous (every later commit waits for it).
+    let newly_sync = want.difference(&in_sync).any(|w| {
+        pg.replication
+            .iter()
+            .any(|r| &r.application_name == w && r.streaming && r.sync)
+    });
+    let threshold = match cx.mem.sync_change_lsn {
+        Some(t) => t,
+        None if newly_sync => *cx.mem.sync_change_lsn.insert(pg.wal_position),
+        None => return Vec::new(),
+    };
     let confirmed: Vec<String> = want
         .difference(&in_sync)
         .filter(|w| {

@@ -41,7 +41,32 @@ fn sync_add_to_ssn_before_sync_key() {
     let d = fx.decide();
     assert!(d.has(|a| *a == Action::SetSyncStandbyNames(ssn(&["n2"]))));
     assert!(sync_writes(&d).is_empty());
-    assert_eq!(d.memory.sync_change_lsn, Some(Lsn(1000)));
+    // The threshold waits for PostgreSQL to show n2 as synchronous.
+    assert_eq!(d.memory.sync_change_lsn, None);
+}
+
+/// Commits acknowledged by the old standbys between the decision and the reload's effect are
+/// covered: the threshold is the primary's position when n2 first shows as `sync`.
+#[test]
+fn sync_threshold_taken_once_postgres_waits_for_the_standby() {
+    let mut fx = sync_leader(&[]);
+    fx.obs.pg.sync_standby_names = ssn(&["n2"]);
+    fx.obs.pg.wal_position = Lsn(1200);
+    fx.obs.pg.replication = vec![row("n2", 1100, false)];
+    let d = fx.decide();
+    assert!(sync_writes(&d).is_empty());
+    assert_eq!(d.memory.sync_change_lsn, None);
+    fx.obs.pg.replication = vec![row("n2", 1100, true)];
+    let d = fx.decide();
+    assert!(sync_writes(&d).is_empty());
+    assert_eq!(d.memory.sync_change_lsn, Some(Lsn(1200)));
+    fx.obs.memory = d.memory;
+    fx.obs.pg.wal_position = Lsn(1300);
+    fx.obs.pg.replication = vec![row("n2", 1200, true)];
+    assert_eq!(
+        sync_writes(&fx.decide()),
+        vec![(vec!["n2".to_string()], Some(40))]
+    );
 }
 
 #[test]
