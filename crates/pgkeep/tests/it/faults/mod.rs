@@ -7,6 +7,7 @@ mod etcd;
 mod manual;
 mod partition;
 mod planned;
+mod reclone;
 mod slots;
 mod stuck;
 mod unplanned;
