@@ -9,10 +9,32 @@ use std::path::Path;
 /// directory is written, fsynced and renamed over the target, and the directory is fsynced.
 /// The mode is applied at creation, so a secret is never briefly world-readable.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path
-        .parent()
+    let tmp = write_staged(path, contents, mode, None)?;
+    // rename() replaces a symlink at `path` itself; it never writes through it.
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::File::open(parent(path))?.sync_all()?;
+    Ok(())
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+        .unwrap_or(Path::new("."))
+}
+
+/// Writes `contents` to a new temporary file beside `path` (mode `mode`, owner `owner` when
+/// given), fsynced, and returns its path; the caller renames it into place (several files can
+/// so be replaced back to back). The temporary file is removed on error.
+pub fn write_staged(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<std::path::PathBuf> {
+    let dir = parent(path);
     let file_name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
@@ -35,17 +57,17 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
             .open(&tmp)?;
         // The mode given to open() is filtered by the umask; set it explicitly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
         f.write_all(contents)?;
-        f.sync_all()?;
-        // rename() replaces a symlink at `path` itself; it never writes through it.
-        fs::rename(&tmp, path)
+        f.sync_all()
     })();
-    if written.is_err() {
+    if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    written?;
-    fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    Ok(tmp)
 }
 
 /// True when the file's mode grants any permission to group or others.

@@ -7,10 +7,8 @@
 //! in which a reader could pair a new key with the old certificate is two `rename` calls, and
 //! a handshake that falls into it fails once and is retried by its client.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 
 use secrecy::ExposeSecret;
 
@@ -50,20 +48,21 @@ pub fn replace_pair(
         let path = path.to_path_buf();
         move |source| PkiError::Write { path, source }
     };
-    let key_tmp = stage(
+    let key_tmp = crate::fsutil::write_staged(
         &files.key,
         issued.key_pem.expose_secret().as_bytes(),
         0o600,
         owner,
     )
     .map_err(write_err(&files.key))?;
-    let cert_tmp = match stage(&files.cert, issued.cert_pem.as_bytes(), 0o644, owner) {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = fs::remove_file(&key_tmp);
-            return Err(write_err(&files.cert)(e));
-        }
-    };
+    let cert_tmp =
+        match crate::fsutil::write_staged(&files.cert, issued.cert_pem.as_bytes(), 0o644, owner) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = fs::remove_file(&key_tmp);
+                return Err(write_err(&files.cert)(e));
+            }
+        };
     if let Err(e) = fs::rename(&key_tmp, &files.key) {
         let _ = fs::remove_file(&key_tmp);
         let _ = fs::remove_file(&cert_tmp);
@@ -77,46 +76,6 @@ pub fn replace_pair(
         .and_then(|d| d.sync_all())
         .map_err(write_err(dir))?;
     Ok(files)
-}
-
-/// A complete, synced temporary copy of `contents` beside `path`, with `mode` and `owner`.
-fn stage(
-    path: &Path,
-    contents: &[u8],
-    mode: u32,
-    owner: Option<(u32, u32)>,
-) -> io::Result<PathBuf> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let tmp = dir.join(format!(
-        ".{}.{}-{nonce:08x}.rotate",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-            .mode(mode)
-            .open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-        }
-        f.write_all(contents)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(tmp)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use pgkeep_testkit::{DcsOptions, pid_is_alive};
 
-use super::writer::{self, Outcome, Record, Writers};
+use super::writer::{self, Outcome, Writers};
 use super::{Bed, assert_safe, bed, port_of, print_figures};
 
 fn sync_mode() -> DcsOptions {
@@ -17,22 +17,6 @@ fn sync_mode() -> DcsOptions {
         synchronous_mode: true,
         ..DcsOptions::default()
     }
-}
-
-/// The longest time between two consecutive acknowledgements of writer `any` that overlaps
-/// `[from, to]`: the write gap the application saw.
-fn max_ack_gap(records: &[Record], from: Duration, to: Duration) -> Duration {
-    let mut acks: Vec<Duration> = records
-        .iter()
-        .filter(|r| r.writer == "any" && matches!(r.outcome, Outcome::Acked { .. }))
-        .map(|r| r.end)
-        .collect();
-    acks.sort();
-    acks.windows(2)
-        .filter(|w| w[1] >= from && w[0] <= to)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or(to - from)
 }
 
 /// Milliseconds on `CLOCK_BOOTTIME`, the clock of the fence guard's deadlines.
@@ -155,7 +139,7 @@ fn assert_undisturbed(
     std::thread::sleep(Duration::from_secs(1));
     let records = w.stop();
     let r = writer::check(&records, &b.rows(np));
-    let gap = max_ack_gap(&records, window.0, window.1);
+    let gap = writer::ack_gap(&records, window.0, window.1).unwrap_or(window.1 - window.0);
     let mut figs = vec![("longest write gap during the fault", Some(gap))];
     figs.extend_from_slice(figures);
     print_figures(name, &r, &figs);

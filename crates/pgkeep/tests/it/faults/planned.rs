@@ -8,22 +8,6 @@ use pgkeep_testkit::{AgentCluster, DcsOptions};
 use super::writer::{self, Outcome, Record, Writers};
 use super::{Bed, assert_safe, bed, bed_with, print_figures};
 
-/// The longest time between two consecutive acknowledgements of writer `any` within
-/// `[from, to]`: the write gap clients see.
-fn write_gap(records: &[Record], from: Duration, to: Duration) -> Duration {
-    let mut acks: Vec<Duration> = records
-        .iter()
-        .filter(|r| r.writer == "any" && matches!(r.outcome, Outcome::Acked { .. }))
-        .map(|r| r.end)
-        .collect();
-    acks.sort();
-    acks.windows(2)
-        .filter(|w| w[1] >= from && w[0] <= to)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or_default()
-}
-
 /// (e): switchover to a named candidate and back, through the authenticated REST API, under
 /// writers. No acknowledged write is lost, never two primaries, and each switchover answers
 /// 200 naming the new leader.
@@ -77,7 +61,7 @@ fn switchover_there_and_back_through_the_rest_api() {
         .map(|(i, (from, to))| {
             (
                 format!("switchover {} write gap", i + 1),
-                Some(write_gap(&records, *from, *to)),
+                Some(writer::ack_gap(&records, *from, *to).unwrap_or_default()),
             )
         })
         .collect();

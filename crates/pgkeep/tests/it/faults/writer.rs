@@ -387,6 +387,21 @@ pub(super) fn last_ack_on(records: &[Record], port: u16, timeline: u32) -> Optio
         .max()
 }
 
+/// The longest time between two consecutive acknowledgements of writer `any` that overlaps
+/// `[from, to]`: the write gap clients saw. `None` without two acknowledgements around it.
+pub(super) fn ack_gap(records: &[Record], from: Duration, to: Duration) -> Option<Duration> {
+    let mut acks: Vec<Duration> = records
+        .iter()
+        .filter(|r| r.writer == "any" && matches!(r.outcome, Outcome::Acked { .. }))
+        .map(|r| r.end)
+        .collect();
+    acks.sort();
+    acks.windows(2)
+        .filter(|w| w[1] >= from && w[0] <= to)
+        .map(|w| w[1] - w[0])
+        .max()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
