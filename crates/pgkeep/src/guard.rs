@@ -19,12 +19,18 @@
 //! - `disarmed <agent-pid>`: this node does not lead, or the cluster is paused (the guard never
 //!   acts in pause mode, so agents can be restarted without touching PostgreSQL).
 //!
-//! The guard reads the file every 100 ms at most (sooner when the deadline is nearer) and fences
-//! ([`crate::postgres::fence`]) once `deadline` has passed. It exits when the file says
-//! `disarmed` and the agent named there is gone. One guard serves a node: it holds an exclusive
-//! `flock` on `<state>.lock`; a second one waits for the lock, so an agent restarted while an
-//! armed guard still runs is served by the old guard (the new agent's state lines name it as
-//! the owner) and by its own once the old one exits.
+//! The guard reads the file every 100 ms at most (sooner when the deadline is nearer). Once
+//! `deadline` has passed it fences ([`crate::postgres::fence`]) any postmaster of this data
+//! directory that is not a standby (no `standby.signal`), at every look: also one started later
+//! under the same deadline (an agent thawed in the middle of a start), and whether the agent
+//! lives or not. Only a newer line stops that: `armed` with a later deadline (the agent renewed,
+//! and writes it before it promotes or starts a primary) or `disarmed`. A standby is never
+//! stopped: it cannot commit, and the agent may start one (as a replica) before its next line.
+//! The guard exits when the file says `disarmed` and the agent named there is gone (a guard whose
+//! agent died past its deadline stays until a new agent settles the line at its start). One
+//! guard serves a node: it holds an exclusive `flock` on `<state>.lock`; a second one waits for
+//! the lock, so an agent restarted while an armed guard still runs is served by the old guard
+//! (the new agent's state lines name it as the owner) and by its own once the old one exits.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -37,7 +43,7 @@ use anyhow::{Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use nix::time::{ClockId, clock_gettime};
 
-use crate::postgres::fence::{FenceGrace, FenceOutcome, fence_blocking};
+use crate::postgres::fence::{FenceGrace, FenceOutcome, fence_blocking, writable_postmaster};
 use crate::postgres::{Instance, RunAs, Runner};
 
 /// The state file's name in the node's configuration directory.
@@ -112,21 +118,19 @@ pub enum Step {
 /// The longest the guard sleeps between two reads of the state file.
 const POLL_MS: u64 = 100;
 
-/// The guard's decision: pure, so every case is tested without processes. `fenced_for` is the
-/// deadline the guard already fenced for (a fence is not repeated for the same deadline).
-pub fn step(state: GuardState, now_ms: u64, owner_alive: bool, fenced_for: Option<u64>) -> Step {
+/// The guard's decision: pure, so every case is tested without processes. `Fence` means: stop
+/// any postmaster of the data directory that is not a standby, and look again.
+///
+/// Past the deadline the guard never stands down on its own: not after a fence, not when it
+/// found nothing to stop, not when the agent died. (It used to, after five empty looks, and a
+/// primary an agent thawed mid-restart started under the same expired deadline ran on.) A new
+/// agent settles a stale line at its start ([`GuardHandle::settle_stale`]).
+pub fn step(state: GuardState, now_ms: u64, owner_alive: bool) -> Step {
     match state {
-        GuardState::Armed { deadline_ms, .. } => {
-            if now_ms < deadline_ms {
-                Step::Wait((deadline_ms - now_ms).min(POLL_MS))
-            } else if fenced_for != Some(deadline_ms) {
-                Step::Fence
-            } else if owner_alive {
-                Step::Wait(POLL_MS)
-            } else {
-                Step::Exit
-            }
+        GuardState::Armed { deadline_ms, .. } if now_ms < deadline_ms => {
+            Step::Wait((deadline_ms - now_ms).min(POLL_MS))
         }
+        GuardState::Armed { .. } => Step::Fence,
         GuardState::Disarmed { .. } if owner_alive => Step::Wait(POLL_MS),
         GuardState::Disarmed { .. } => Step::Exit,
     }
@@ -217,53 +221,65 @@ pub fn run(args: &GuardArgs) -> Result<()> {
     };
     tracing::info!(state = %args.state.display(), "fence guard running");
     let mut state = GuardState::Disarmed { owner: None };
-    let mut fenced_for = None;
-    let mut idle_polls = 0u32;
+    let mut last_error = None;
     loop {
         if let Some(s) = read_state(&args.state) {
             state = s;
         }
         let owner_alive = state.owner().is_some_and(process_alive);
-        match step(state, boottime_ms(), owner_alive, fenced_for) {
+        match step(state, boottime_ms(), owner_alive) {
             Step::Wait(ms) => std::thread::sleep(Duration::from_millis(ms.max(1))),
             Step::Exit => break,
             Step::Fence => {
                 let GuardState::Armed { deadline_ms, owner } = state else {
                     unreachable!("step fences only when armed")
                 };
-                let late = boottime_ms().saturating_sub(deadline_ms);
-                match fence_blocking(&instance, FenceGrace::default()) {
-                    // Nothing to stop: look a few more times (a start may be under way, its
-                    // pid file not written yet), then consider this deadline done. Never for
-                    // ever: an agent that lives on starts PostgreSQL again only once it decided
-                    // it may, and the guard must not stop that.
-                    Ok(FenceOutcome::NotRunning) => {
-                        idle_polls += 1;
-                        if idle_polls >= 5 || !owner_alive {
-                            fenced_for = Some(deadline_ms);
-                            idle_polls = 0;
-                        } else {
-                            std::thread::sleep(Duration::from_millis(POLL_MS));
+                match fence_if_writable(&instance, &args.state, state) {
+                    Ok(None) => std::thread::sleep(Duration::from_millis(POLL_MS)),
+                    Ok(Some(outcome)) => tracing::error!(
+                        agent = owner,
+                        agent_alive = owner_alive,
+                        late_ms = boottime_ms().saturating_sub(deadline_ms),
+                        ?outcome,
+                        "fence guard: the agent did not renew the lease before its deadline; \
+                         PostgreSQL stopped"
+                    ),
+                    Err(e) => {
+                        // Said once per distinct error: it repeats at every look (a pid file
+                        // that does not parse, such as a single-user backend's).
+                        let text = e.to_string();
+                        if last_error.as_ref() != Some(&text) {
+                            tracing::error!(error = %text, "fence guard: fencing failed");
+                            last_error = Some(text);
                         }
+                        std::thread::sleep(Duration::from_millis(POLL_MS));
                     }
-                    Ok(outcome) => {
-                        fenced_for = Some(deadline_ms);
-                        tracing::error!(
-                            agent = owner,
-                            agent_alive = owner_alive,
-                            late_ms = late,
-                            ?outcome,
-                            "fence guard: the agent did not renew the lease before its deadline; \
-                             PostgreSQL stopped"
-                        );
-                    }
-                    Err(e) => tracing::error!(error = %e, "fence guard: fencing failed"),
                 }
             }
         }
     }
     tracing::debug!("fence guard exiting: nothing to guard");
     Ok(())
+}
+
+/// Fences the instance if a postmaster that is not a standby runs and the state file still says
+/// `seen` (the agent may have written a newer line since it was read: a fence is for that
+/// deadline only). `None`: nothing was stopped.
+fn fence_if_writable(
+    instance: &Instance,
+    state_file: &Path,
+    seen: GuardState,
+) -> Result<Option<FenceOutcome>, crate::postgres::PgError> {
+    if writable_postmaster(instance)?.is_none() {
+        return Ok(None);
+    }
+    if read_state(state_file).is_some_and(|s| s != seen) {
+        return Ok(None);
+    }
+    match fence_blocking(instance, FenceGrace::default())? {
+        FenceOutcome::NotRunning => Ok(None),
+        outcome => Ok(Some(outcome)),
+    }
 }
 
 /// The agent's side: starts the guard, restarts it if it dies, and writes the state file.
@@ -285,20 +301,21 @@ impl GuardHandle {
     }
 
     /// At agent start: a state file left armed with a deadline that has passed means the last
-    /// agent died holding a lease that is gone. Whatever PostgreSQL runs from that time may not
-    /// commit: fence it now, then disarm, so neither a new guard nor the old one acts on the
-    /// stale line later (for example against a replica this agent is about to start). A
+    /// agent died holding a lease that is gone. Whatever PostgreSQL runs from that time as a
+    /// primary may not commit: fence it now (a standby is left alone, as the guard leaves it),
+    /// then disarm, so neither a new guard nor the old one acts on the stale line later. A
     /// deadline still ahead is left to the guard that holds it.
     pub fn settle_stale(&mut self, instance: &Instance) {
-        let Some(GuardState::Armed { deadline_ms, .. }) = read_state(&self.args.state) else {
+        let Some(seen @ GuardState::Armed { deadline_ms, .. }) = read_state(&self.args.state)
+        else {
             return;
         };
         if boottime_ms() < deadline_ms {
             return;
         }
-        match fence_blocking(instance, FenceGrace::default()) {
-            Ok(FenceOutcome::NotRunning) => {}
-            Ok(outcome) => tracing::warn!(
+        match fence_if_writable(instance, &self.args.state, seen) {
+            Ok(None) => {}
+            Ok(Some(outcome)) => tracing::warn!(
                 ?outcome,
                 "the previous agent's lease deadline passed while PostgreSQL ran; stopped it"
             ),
@@ -408,31 +425,150 @@ mod tests {
     }
 
     #[test]
-    fn fences_once_when_the_deadline_passes_whether_or_not_the_agent_lives() {
+    fn fences_when_the_deadline_passes_whether_or_not_the_agent_lives() {
         let armed = GuardState::Armed {
             deadline_ms: 1000,
             owner: 1,
         };
-        assert_eq!(step(armed, 950, true, None), Step::Wait(50));
-        assert_eq!(step(armed, 100, false, None), Step::Wait(POLL_MS));
-        assert_eq!(step(armed, 1000, true, None), Step::Fence);
-        assert_eq!(step(armed, 5000, false, None), Step::Fence);
-        // Already fenced for this deadline: wait for a new one, or leave with the agent.
-        assert_eq!(step(armed, 1200, true, Some(1000)), Step::Wait(POLL_MS));
-        assert_eq!(step(armed, 1200, false, Some(1000)), Step::Exit);
-        // A renewed deadline after a fence is guarded again.
+        assert_eq!(step(armed, 950, true), Step::Wait(50));
+        assert_eq!(step(armed, 100, false), Step::Wait(POLL_MS));
+        assert_eq!(step(armed, 1000, true), Step::Fence);
+        assert_eq!(step(armed, 5000, false), Step::Fence);
+    }
+
+    /// Bug E: after a fence (or after finding nothing to fence) under a deadline that passed,
+    /// the guard stood down for that deadline, so a postmaster started later under it (an agent
+    /// thawed in the middle of a restart) ran on. It keeps looking until the agent writes a
+    /// newer line; what it stops is decided by `standby.signal` (see the process test below).
+    #[test]
+    fn past_the_deadline_it_keeps_fencing_until_a_newer_line() {
+        let armed = GuardState::Armed {
+            deadline_ms: 1000,
+            owner: 1,
+        };
+        for now in [1000, 1100, 1600, 60_000] {
+            assert_eq!(step(armed, now, true), Step::Fence, "{now}");
+            assert_eq!(step(armed, now, false), Step::Fence, "{now}");
+        }
         let renewed = GuardState::Armed {
             deadline_ms: 3000,
             owner: 1,
         };
-        assert_eq!(step(renewed, 3000, true, Some(1000)), Step::Fence);
+        assert_eq!(step(renewed, 1200, true), Step::Wait(POLL_MS));
+        assert_eq!(step(renewed, 3000, true), Step::Fence);
+        let disarmed = GuardState::Disarmed { owner: Some(1) };
+        assert_eq!(step(disarmed, 1200, true), Step::Wait(POLL_MS));
+        assert_eq!(step(disarmed, 1200, false), Step::Exit);
     }
 
     #[test]
     fn disarmed_never_fences_and_ends_with_its_agent() {
         let d = GuardState::Disarmed { owner: Some(1) };
-        assert_eq!(step(d, u64::MAX, true, None), Step::Wait(POLL_MS));
-        assert_eq!(step(d, 0, false, None), Step::Exit);
+        assert_eq!(step(d, u64::MAX, true), Step::Wait(POLL_MS));
+        assert_eq!(step(d, 0, false), Step::Exit);
+    }
+
+    /// A stand-in postmaster of `data_dir`: a shell whose command line looks like
+    /// `.../postgres ... -D <data_dir>`, named in the pid file.
+    fn fake_postmaster(data_dir: &Path) -> Child {
+        let child = Command::new("/bin/sh")
+            .arg0(data_dir.join("postgres"))
+            .args(["-c", "sleep 30; :", "sh", "-D"])
+            .arg(data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::fs::write(
+            data_dir.join("postmaster.pid"),
+            format!("{}\n{}\n1\n5432\n", child.id(), data_dir.display()),
+        )
+        .unwrap();
+        child
+    }
+
+    fn gone_within(child: &mut Child, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Bug E, with processes: past the deadline the guard leaves a standby alone, stops it once
+    /// it is promoted, and also stops a primary started a while later under the same deadline
+    /// (it used to stand down after its first fence); a renewed deadline, then `disarmed`, end
+    /// it.
+    #[test]
+    fn the_guard_keeps_stopping_primaries_but_never_a_standby_until_a_newer_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let args = GuardArgs {
+            state: dir.path().join(STATE_FILE),
+            config_dir: dir.path().join("conf"),
+            data_dir: data.clone(),
+        };
+        let me = i32::try_from(std::process::id()).unwrap();
+        let past = GuardState::Armed {
+            deadline_ms: boottime_ms() - 1,
+            owner: me,
+        };
+        write_state(&args.state, past).unwrap();
+        std::fs::write(data.join("standby.signal"), "").unwrap();
+        let mut standby = fake_postmaster(&data);
+        let guard = std::thread::spawn({
+            let args = args.clone();
+            move || run(&args)
+        });
+        assert!(
+            !gone_within(&mut standby, Duration::from_millis(700)),
+            "a standby was stopped"
+        );
+        // Promoted: PostgreSQL removes standby.signal before it takes writes.
+        std::fs::remove_file(data.join("standby.signal")).unwrap();
+        assert!(gone_within(&mut standby, Duration::from_secs(5)));
+        // Later, under the same deadline: a primary (an agent thawed mid-restart).
+        std::thread::sleep(Duration::from_millis(800));
+        let mut primary = fake_postmaster(&data);
+        assert!(
+            gone_within(&mut primary, Duration::from_secs(5)),
+            "a primary started after the first fence ran on"
+        );
+        // The agent renewed: its new primary is left alone.
+        write_state(
+            &args.state,
+            GuardState::Armed {
+                deadline_ms: boottime_ms() + 60_000,
+                owner: me,
+            },
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut renewed = fake_postmaster(&data);
+        assert!(!gone_within(&mut renewed, Duration::from_millis(700)));
+        // Disarmed by an agent that is gone: the guard exits.
+        write_state(
+            &args.state,
+            GuardState::Disarmed {
+                owner: Some(i32::MAX),
+            },
+        )
+        .unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        while !guard.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(guard.is_finished(), "the guard did not exit");
+        guard.join().unwrap().unwrap();
+        let pgid = nix::unistd::Pid::from_raw(i32::try_from(renewed.id()).unwrap());
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = renewed.wait();
     }
 
     #[test]

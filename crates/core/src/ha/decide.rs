@@ -246,7 +246,7 @@ impl<'a> Ctx<'a> {
 
     /// Rule family "lease and fencing": a PostgreSQL that may commit is stopped at once when the
     /// lease is revoked, the key is gone or taken, the deadline passed, or this agent never proved
-    /// the lease.
+    /// the lease. Pause suspends none of these but the last.
     fn fence_if_needed(&mut self) -> Option<Plan> {
         let pg = &self.obs.pg;
         if !pg.may_commit() {
@@ -274,6 +274,10 @@ impl<'a> Ctx<'a> {
                     Reason::LeaderKeyGone
                 }
                 Some(_) => match self.deadline() {
+                    // Paused and this agent never proved the key (restarted in pause): it
+                    // renews and leaves PostgreSQL alone, as Patroni does. A proof whose
+                    // deadline passed is never `None` here (the shell reports it as it is):
+                    // pause is no automatic failover, not committing without a lease.
                     None if paused => return None,
                     None => Reason::NoLeaseProof,
                     Some(d) if self.now >= d => Reason::LeaseDeadlinePassed { deadline: d },

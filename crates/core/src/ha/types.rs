@@ -214,7 +214,11 @@ pub struct DcsSession {
     pub deleted_leader: Option<DeletedLeader>,
     /// The last keepalive was answered with TTL ≤ 0: the lease is gone.
     pub lease_revoked: bool,
-    /// Proof of leadership from this agent process, if any.
+    /// Proof of leadership from this agent process: its last fully successful renewal round,
+    /// reported as it is *also after its deadline has passed* (the core judges it against
+    /// `now`: a PostgreSQL that may commit past it is fenced, paused or not). `None` only when
+    /// this process never proved the key, a renewal's compare said the key is not ours, the
+    /// key was released, or the lease was lost (then `lease_revoked`).
     pub leader_lease: Option<LeaderLease>,
     /// This agent won the bootstrap race: `initialize` is `""` and attached to this agent's
     /// lease. (The claim is a lease-bound create, so a claim whose answer was lost is recognised

@@ -29,13 +29,18 @@ pub(super) enum Outcome {
 impl Shell {
     pub(super) async fn execute(&mut self, action: &Action) -> Outcome {
         let name = action_name(action);
+        // A lost lease is replaced before the next etcd call, never before a fence.
+        if action.is_dcs()
+            && let Err(e) = self.regrant_lost_lease().await
+        {
+            tracing::warn!(action = name, error = format!("{e:#}"), "action failed");
+            return Outcome::Replan;
+        }
         // While this node may hold the lease, no DCS call may run past the lease deadline: the
         // next decision must be able to fence in time, whatever etcd does.
         let bounded = action.is_dcs() || matches!(action, Action::Checkpoint);
-        let budget = self.leader_lease.filter(|_| bounded).map(|l| {
-            self.instant(self.ha.lease_deadline(l.sent_at, l.granted_ttl))
-                .saturating_duration_since(std::time::Instant::now())
-        });
+        let budget = super::lease::action_budget(&self.ha, self.now(), self.leader_lease, bounded)
+            .map(|b| Duration::from_millis(b.0));
         let result = match budget {
             Some(b) => tokio::time::timeout(b, self.execute_inner(action))
                 .await
@@ -47,6 +52,14 @@ impl Shell {
             Err(e) => {
                 if matches!(action, Action::Fence) {
                     self.fence_failed = true;
+                }
+                if super::lease::lease_not_found(&e) {
+                    // The lease is gone and the leader key with it: the core is told (it fences
+                    // at once) and a new lease comes before the next etcd call, instead of the
+                    // dead lease being retried until the deadline.
+                    tracing::warn!(action = name, error = format!("{e:#}"), "action failed");
+                    self.lease_lost();
+                    return Outcome::Replan;
                 }
                 tracing::warn!(action = name, error = format!("{e:#}"), "action failed");
                 if action.is_dcs() {
@@ -74,6 +87,7 @@ impl Shell {
                     return Ok(Outcome::Replan);
                 }
                 self.renewed = true;
+                self.arm_guard_for_proof();
                 tracing::info!("acquired the leader key");
             }
             Action::RenewLeaderKey => {
@@ -88,6 +102,7 @@ impl Shell {
                             ),
                             revision,
                         });
+                        self.arm_guard_for_proof();
                     }
                     None => {
                         self.leader_lease = None;
@@ -106,6 +121,7 @@ impl Shell {
                 if !self.pre_promote().await {
                     return Ok(Outcome::Replan);
                 }
+                self.before_writable("promoting")?;
                 // Over the open connection when there is one: no process to spawn, so the
                 // write outage of a switchover is shorter. pg_ctl otherwise.
                 if let Some(c) = self.pg_client.as_ref()
@@ -379,6 +395,9 @@ impl Shell {
         std::fs::create_dir_all(self.layout.socket_dir())
             .with_context(|| format!("creating {}", self.layout.socket_dir().display()))?;
         let timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout);
+        if !standby {
+            self.before_writable("starting a primary")?;
+        }
         let pm = self.instance.start(timeout).await?;
         tracing::info!(pid = pm.pid, standby, "PostgreSQL started");
         self.cb_started(standby);

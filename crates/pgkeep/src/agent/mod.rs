@@ -6,6 +6,7 @@ mod apps;
 mod callbacks;
 mod control;
 mod exec;
+mod lease;
 mod metrics;
 mod observe;
 mod ops;
@@ -31,9 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiClient, ApiSnapshot};
 use crate::config::Config;
-use crate::dcs::{
-    ClusterWatch, Dcs, EtcdDcs, EtcdSettings, KeepaliveReply, Lease, TlsFiles, TlsReload,
-};
+use crate::dcs::{ClusterWatch, Dcs, EtcdDcs, EtcdSettings, Lease, TlsFiles, TlsReload};
 use crate::postgres::observe::LocalPg;
 use crate::postgres::{ControlData, Instance, RunAs, Runner};
 use render::Layout;
@@ -105,6 +104,12 @@ struct Shell {
     api_tls: crate::api::TlsReloader,
     /// When the certificates' expiry was last read (it is read again once a day).
     certs_checked: Instant,
+    /// Keepalives of the agent's lease sent so far (a cycle without one sends its own).
+    keepalives: u64,
+    /// etcd lost the agent's lease; a new one is granted before the next etcd call.
+    lease_gone: bool,
+    /// The expired proof last warned about (one warning per expiry).
+    expiry_warned: Option<LeaderLease>,
 }
 
 impl Shell {
@@ -121,40 +126,6 @@ impl Shell {
 
     fn instant(&self, m: Millis) -> Instant {
         self.origin + Duration::from_millis(m.0)
-    }
-
-    /// One keepalive of the agent's lease. A lease etcd no longer knows is replaced at once
-    /// (keys attached to it are gone anyway; the core fences on `lease_revoked`).
-    async fn keepalive(&mut self) -> Result<KeepaliveReply> {
-        let reply = self.dcs.keepalive(self.lease.id).await?;
-        if reply.granted_ttl <= 0 {
-            tracing::warn!(
-                lease = format_args!("{:x}", self.lease.id),
-                "the lease is gone; granting a new one"
-            );
-            self.lease_revoked = true;
-            self.leader_lease = None;
-            self.lease = self.dcs.grant_lease(ttl_secs(&self.ha)).await?;
-            bail!("lease expired");
-        }
-        self.lease_revoked = false;
-        Ok(reply)
-    }
-
-    /// A new `ttl` needs a lease granted with it (etcd cannot change a lease's TTL). The keys
-    /// move to the new lease with their next write (the leader key at the next renewal, within
-    /// this cycle); the old lease is no longer kept alive and expires with nothing attached.
-    async fn regrant_lease(&mut self) {
-        match self.dcs.grant_lease(ttl_secs(&self.ha)).await {
-            Ok(lease) => {
-                tracing::info!(ttl = ttl_secs(&self.ha), "ttl changed: new lease granted");
-                self.lease = lease;
-            }
-            Err(e) => tracing::error!(
-                error = %e,
-                "ttl changed but no new lease could be granted; keeping the old one"
-            ),
-        }
     }
 
     /// Re-reads the dynamic configuration when its revision changed. A refused configuration
@@ -255,6 +226,20 @@ impl Shell {
         }
     }
 
+    /// A decision that disarms and fences nothing (PostgreSQL cannot commit, nothing makes it
+    /// writable) disarms the guard before its actions, not after: a guard still armed with a
+    /// deadline that passed stops any postmaster that is not a standby, and these actions may
+    /// start one that may not be stopped (single-user crash recovery before a start as a
+    /// replica, `pg_rewind`'s own).
+    fn disarm_guard_early(&mut self, decision: &ha::Decision) {
+        if decision.watchdog == ha::WatchdogCmd::Disarm
+            && !decision.actions.contains(&ha::Action::Fence)
+            && !self.fence_failed
+        {
+            self.guard.disarm();
+        }
+    }
+
     /// One cycle. Returns when the next one may start.
     async fn cycle(&mut self) -> Millis {
         self.daily_cert_check();
@@ -265,23 +250,30 @@ impl Shell {
         if self.ha.ttl != ttl_before {
             self.regrant_lease().await;
         }
-        // A proof whose deadline passed proves nothing: drop it, so the core fences (if
-        // PostgreSQL may still commit) and this cycle keeps the lease alive again. Otherwise
-        // every DCS action would get a zero budget and the node could never recover.
+        // The proof of the last renewal goes to the core as it is, also once its deadline has
+        // passed: the core fences a PostgreSQL that may commit past it, paused or not (dropping
+        // it made a paused primary outlive its lease). Without a live proof the lease needs this
+        // cycle's keepalive, but never ahead of a fence (see `lease::keepalive_at`).
+        let keepalives_before = self.keepalives;
+        let proof_live = self.live_deadline().is_some();
         if let Some(l) = self.leader_lease
-            && self.now() >= self.ha.lease_deadline(l.sent_at, l.granted_ttl)
+            && !proof_live
+            && self.expiry_warned != Some(l)
         {
             tracing::warn!("the lease deadline passed without a renewal");
-            self.leader_lease = None;
-        }
-        if self.leader_lease.is_none()
-            && let Err(e) = self.keepalive().await
-        {
-            tracing::warn!(error = format!("{e:#}"), "lease keepalive failed");
+            self.expiry_warned = Some(l);
         }
         let mut rounds = 0;
         loop {
-            let mut obs = self.observe().await;
+            let pg = self.observe_pg().await;
+            if rounds == 0
+                && lease::keepalive_at(proof_live, pg.may_commit())
+                    == lease::KeepaliveAt::BeforeDecision
+                && let Err(e) = self.keepalive().await
+            {
+                tracing::warn!(error = format!("{e:#}"), "lease keepalive failed");
+            }
+            let mut obs = self.observation(pg);
             self.cb_observed(&mut obs);
             let Some(snap) = self.watch.snapshot() else {
                 tracing::warn!("no DCS view yet");
@@ -296,6 +288,7 @@ impl Shell {
                 self.last_logged = summary;
             }
             self.memory = decision.memory.clone();
+            self.disarm_guard_early(&decision);
             let mut replan = false;
             for action in &decision.actions {
                 let outcome = self.execute(action).await;
@@ -329,6 +322,13 @@ impl Shell {
                 )
             });
             if !replan || rounds >= 3 {
+                // The keepalive a fence did not wait for (and one no renewal sent).
+                if !proof_live
+                    && self.keepalives == keepalives_before
+                    && let Err(e) = self.keepalive().await
+                {
+                    tracing::warn!(error = format!("{e:#}"), "lease keepalive failed");
+                }
                 let next = decision.wake_at.min(self.now() + self.ha.loop_wait);
                 return if progressed && self.busy.is_none() {
                     next.min(self.now() + Millis(20))
@@ -507,6 +507,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         metrics: Default::default(),
         api_tls: server.tls_reloader(),
         certs_checked: Instant::now(),
+        keepalives: 0,
+        lease_gone: false,
+        expiry_warned: None,
         fence_failed: false,
         controldata_stamp: None,
         watchdog: watchdog::Watchdog::new(crate::config::Watchdog {
@@ -533,7 +536,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         let wake = shell.cycle().await;
         if let Some(started) = shutdown_started {
             let stopped = shell.instance.running_postmaster().ok().flatten().is_none();
-            if (stopped && shell.leader_lease.is_none())
+            if (stopped && shell.live_deadline().is_none())
                 || started.elapsed() > Duration::from_secs(120)
             {
                 break;

@@ -130,16 +130,23 @@ impl Shell {
                     }
                     self.last_sql = Some(sql);
                 }
-                // Accepting connections per the pid file but not answering: treat as starting.
-                None => obs.process = PgProcess::Starting,
+                // Accepting connections per the pid file but not answering (or too slowly): a
+                // server whose role the disk tells, as while it starts.
+                None => {
+                    obs.process = PgProcess::Starting;
+                    obs.in_recovery = in_recovery_on_disk(
+                        self.controldata.as_ref(),
+                        self.layout.data_dir.join("standby.signal").exists(),
+                    );
+                }
             }
-        } else if let Some(cd) = &self.controldata {
-            // Starting or stopping: the role PostgreSQL comes up in is the control file's.
-            obs.in_recovery = matches!(
-                cd.state,
-                ClusterState::ShutDownInRecovery | ClusterState::InArchiveRecovery
-            ) || self.layout.data_dir.join("standby.signal").exists();
-            obs.timeline = Some(cd.timeline);
+        } else {
+            // Starting or stopping: the role PostgreSQL comes up in is the disk's.
+            obs.in_recovery = in_recovery_on_disk(
+                self.controldata.as_ref(),
+                self.layout.data_dir.join("standby.signal").exists(),
+            );
+            obs.timeline = self.controldata.as_ref().map(|cd| cd.timeline);
         }
         if self.promote_requested && obs.process != PgProcess::Running {
             obs.process = PgProcess::Promoting;
@@ -273,9 +280,8 @@ impl Shell {
             .unwrap_or_default()
     }
 
-    /// The full observation for one decision.
-    pub(super) async fn observe(&mut self) -> LocalObservation {
-        let pg = self.observe_pg().await;
+    /// The full observation for one decision, around the observation of PostgreSQL.
+    pub(super) fn observation(&mut self, pg: PgObservation) -> LocalObservation {
         let snapshot = self.watch.snapshot();
         let dcs = DcsSession {
             reachable: self.watch.is_live(),
@@ -395,6 +401,22 @@ impl Shell {
     }
 }
 
+/// Whether a running postmaster that SQL cannot tell about (starting, stopping, or not answering
+/// within the observation's timeout) is, or comes up as, a standby, from the disk: a standby's
+/// control file says "in archive recovery" (or "shut down in recovery"), and `standby.signal`
+/// makes any start a standby. Taking "not in recovery" for granted made a slow replica look like
+/// a primary that may commit, which is fenced when another node leads (and, in strict
+/// synchronous mode, stalls the primary).
+pub(super) fn in_recovery_on_disk(cd: Option<&ControlData>, standby_signal: bool) -> bool {
+    standby_signal
+        || cd.is_some_and(|cd| {
+            matches!(
+                cd.state,
+                ClusterState::ShutDownInRecovery | ClusterState::InArchiveRecovery
+            )
+        })
+}
+
 fn wall_clock_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -431,5 +453,44 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].parent_timeline, 1);
         assert_eq!(h[1].switch_lsn, Lsn(0x500_0000));
+    }
+
+    fn control(state: ClusterState) -> ControlData {
+        ControlData {
+            system_identifier: "7300000000000000001".into(),
+            state,
+            checkpoint: Lsn(0x300_0000),
+            redo: Lsn(0x300_0000),
+            timeline: 3,
+            min_recovery_end: Lsn(0),
+            min_recovery_end_timeline: 0,
+            data_checksum_version: 0,
+            wal_log_hints: true,
+        }
+    }
+
+    /// Bug F: a running replica whose SQL observation failed or timed out counted as a
+    /// starting *primary* (`in_recovery` false): `may_commit()`, so it was fenced as soon as
+    /// another node held the key. The disk tells the role.
+    #[test]
+    fn a_replica_that_does_not_answer_sql_is_still_a_replica() {
+        let unanswered = |cd: Option<ControlData>, signal: bool| PgObservation {
+            process: PgProcess::Starting,
+            in_recovery: in_recovery_on_disk(cd.as_ref(), signal),
+            ..PgObservation::default()
+        };
+        for (cd, signal) in [
+            (Some(control(ClusterState::InArchiveRecovery)), true),
+            (Some(control(ClusterState::InArchiveRecovery)), false),
+            (Some(control(ClusterState::ShutDownInRecovery)), false),
+            // A crashed primary being started as a standby.
+            (Some(control(ClusterState::InProduction)), true),
+            (None, true),
+        ] {
+            let obs = unanswered(cd.clone(), signal);
+            assert!(obs.in_recovery && !obs.may_commit(), "{cd:?} {signal}");
+        }
+        assert!(unanswered(Some(control(ClusterState::InProduction)), false).may_commit());
+        assert!(unanswered(None, false).may_commit());
     }
 }

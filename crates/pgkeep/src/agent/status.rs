@@ -98,7 +98,9 @@ impl Shell {
                     .as_ref()
                     .is_some_and(|l| l.name == self.cfg.name)
             })
-            .map(|l| self.instant(self.ha.lease_deadline(l.sent_at, l.granted_ttl)));
+            .map(|l| self.instant(self.ha.lease_deadline(l.sent_at, l.granted_ttl)))
+            // A proof whose deadline passed is still reported to the core, but holds nothing.
+            .filter(|d| *d > now);
         let lease_ttl = self
             .leader_lease
             .filter(|_| lease_deadline.is_some())

@@ -12,12 +12,13 @@
 //! their start times before anything is signalled, and only those exact processes are killed.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
-use super::{Instance, PgError};
+use super::{Instance, PgError, PostmasterPid};
 
 /// How long each step of the escalation waits for the postmaster to exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,22 +63,43 @@ struct Proc {
     start_ticks: u64,
 }
 
-/// Stops the instance's postmaster, escalating as described in the module documentation.
-/// Blocks for at most `grace.fast + grace.immediate` plus a moment.
-pub fn fence_blocking(instance: &Instance, grace: FenceGrace) -> Result<FenceOutcome, PgError> {
-    // The pid file may be caught mid-write while the postmaster starts or exits: read again.
+/// The running postmaster of the instance, reading the pid file again when it is caught
+/// mid-write (while the postmaster starts or exits).
+fn read_postmaster(instance: &Instance) -> Result<Option<PostmasterPid>, PgError> {
     let mut attempt = 0;
-    let pm = loop {
+    loop {
         match instance.running_postmaster() {
-            Ok(pm) => break pm,
+            Ok(pm) => return Ok(pm),
             Err(_) if attempt < 5 => {
                 attempt += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// The instance's postmaster if one runs that is not a standby: no `standby.signal` in the data
+/// directory, so it is a primary, or becomes one (a promotion removes the file before the server
+/// takes writes; an archive recovery ends writable). A standby cannot commit: the fence guard
+/// never stops one, so a replica the agent starts while an old deadline is still in the state
+/// file is left alone.
+pub fn writable_postmaster(instance: &Instance) -> Result<Option<PostmasterPid>, PgError> {
+    let Some(pm) = read_postmaster(instance)? else {
+        return Ok(None);
     };
-    let Some(pm) = pm else {
+    Ok((!is_standby(&instance.data_dir)).then_some(pm))
+}
+
+/// `standby.signal` is in the data directory.
+pub fn is_standby(data_dir: &Path) -> bool {
+    data_dir.join("standby.signal").exists()
+}
+
+/// Stops the instance's postmaster, escalating as described in the module documentation.
+/// Blocks for at most `grace.fast + grace.immediate` plus a moment.
+pub fn fence_blocking(instance: &Instance, grace: FenceGrace) -> Result<FenceOutcome, PgError> {
+    let Some(pm) = read_postmaster(instance)? else {
         return Ok(FenceOutcome::NotRunning);
     };
     let Some(pm_start) = start_ticks(pm.pid) else {

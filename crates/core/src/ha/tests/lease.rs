@@ -114,6 +114,53 @@ fn pause_still_fences_on_deadline() {
     assert!(fx.decide().has(|a| *a == Action::Fence));
 }
 
+/// The shell reports its last proof as it is once the deadline passed (it used to drop it, and
+/// a paused primary then kept committing without a lease). Whatever the view shows, the
+/// paused primary is fenced, and only renews afterwards.
+#[test]
+fn paused_primary_with_an_expired_proof_is_fenced_whatever_the_view_shows() {
+    let mut fx = Fx::leader();
+    fx.cfg.pause = true;
+    fx.now = fx.now + Millis(7000);
+    let d = fx.decide();
+    assert_eq!(acts(&d), vec![Action::Fence, Action::RenewLeaderKey]);
+    assert!(matches!(d.reason, Reason::LeaseDeadlinePassed { .. }));
+    // The view still shows the old key (a partition); or already none; or another holder
+    // (`ctl failover`, allowed in pause).
+    fx.view.leader = None;
+    assert_eq!(fx.decide().reason, Reason::LeaderKeyGone);
+    fx.view.leader = Some(crate::cluster::LeaderKey {
+        name: "n2".into(),
+        lease: 2,
+        mod_revision: 90,
+    });
+    assert_eq!(
+        fx.decide().reason,
+        Reason::LeaderKeyTaken {
+            holder: "n2".into()
+        }
+    );
+}
+
+/// After the fence, an expired proof makes the holder renew and nothing else: no start as
+/// primary, no promotion, and it bounds nothing (the shell gives the renewal its full time).
+#[test]
+fn expired_proof_only_renews() {
+    for pause in [false, true] {
+        let mut fx = Fx::leader();
+        fx.cfg.pause = pause;
+        fx.now = fx.now + Millis(7000);
+        fx.obs.pg.process = PgProcess::Stopped;
+        fx.obs.pg.crashed = true;
+        let d = fx.decide();
+        assert_eq!(acts(&d), vec![Action::RenewLeaderKey], "pause {pause}");
+        assert_eq!(d.watchdog, WatchdogCmd::Hold);
+        fx.obs.pg.process = PgProcess::Running;
+        fx.obs.pg.in_recovery = true;
+        assert_eq!(acts(&fx.decide()), vec![Action::RenewLeaderKey]);
+    }
+}
+
 #[test]
 fn replica_disarms_the_watchdog() {
     let d = Fx::replica("n2").decide();
