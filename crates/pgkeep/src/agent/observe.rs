@@ -343,6 +343,7 @@ impl Shell {
                 .promote_checkpoint
                 .as_ref()
                 .map(|done| done.load(std::sync::atomic::Ordering::SeqCst)),
+            other: insecure_field(&self.cfg.insecure),
             ..Default::default()
         }
     }
@@ -443,9 +444,38 @@ pub(super) fn parse_history(text: &str) -> Vec<HistoryEntry> {
         .collect()
 }
 
+/// `pgkeep_insecure`: the `insecure:` overrides in force, published in the member key and the
+/// status JSON so `ctl list` and monitoring show them (empty: nothing published).
+pub(super) fn insecure_field(
+    insecure: &crate::config::Insecure,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let active = insecure.active();
+    let mut out = std::collections::BTreeMap::new();
+    if !active.is_empty() {
+        out.insert(INSECURE_FIELD.to_owned(), serde_json::Value::from(active));
+    }
+    out
+}
+
+/// The member-key and status field listing the insecure overrides.
+pub(super) const INSECURE_FIELD: &str = "pgkeep_insecure";
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insecure_overrides_are_published_by_name() {
+        assert!(insecure_field(&crate::config::Insecure::default()).is_empty());
+        let f = insecure_field(&crate::config::Insecure {
+            plaintext_etcd: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            f[INSECURE_FIELD],
+            serde_json::json!(["pgkeep.insecure.plaintext_etcd"])
+        );
+    }
 
     #[test]
     fn history_file_parses() {

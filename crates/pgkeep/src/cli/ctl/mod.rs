@@ -170,6 +170,9 @@ pub struct MemberRow {
     pub lag: Option<u64>,
     /// REST API URL.
     pub api_url: String,
+    /// The member's `insecure:` overrides in force (`pgkeep_insecure` in its key).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub insecure: Vec<String>,
 }
 
 /// The rows of `ctl list` for a view of the cluster, sorted by name.
@@ -218,6 +221,16 @@ pub fn rows(view: &ClusterView) -> Vec<MemberRow> {
                 timeline: d.timeline,
                 lag,
                 api_url: d.api_url.clone(),
+                insecure: d
+                    .other
+                    .get("pgkeep_insecure")
+                    .and_then(|v| v.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }
         })
         .collect()
@@ -262,6 +275,9 @@ fn table(scope: &str, view: &ClusterView, rows: &[MemberRow]) -> String {
     }
     if rows.is_empty() {
         out.push_str("(no members registered)\n");
+    }
+    for r in rows.iter().filter(|r| !r.insecure.is_empty()) {
+        out.push_str(&format!("INSECURE {}: {}\n", r.name, r.insecure.join(", ")));
     }
     out
 }
@@ -412,5 +428,26 @@ mod tests {
             t.contains("node2   node1.demo.internal:25433  replica  streaming  1   100"),
             "{t}"
         );
+        assert!(!t.contains("INSECURE"), "{t}");
+    }
+
+    #[test]
+    fn insecure_overrides_are_shown_under_the_table() {
+        let mut view = ClusterView::default();
+        let mut m = member("replica", "running", 900, Some("streaming"));
+        m.data.other.insert(
+            "pgkeep_insecure".into(),
+            serde_json::json!(["pgkeep.insecure.plaintext_restapi"]),
+        );
+        view.members.insert("node2".into(), m);
+        let r = rows(&view);
+        assert_eq!(r[0].insecure, ["pgkeep.insecure.plaintext_restapi"]);
+        let t = table("demo", &view, &r);
+        assert!(
+            t.ends_with("INSECURE node2: pgkeep.insecure.plaintext_restapi\n"),
+            "{t}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json[0]["insecure"][0], "pgkeep.insecure.plaintext_restapi");
     }
 }
