@@ -41,20 +41,25 @@ SEEDS ?= 100000
 sim: deps
 	$(CARGO) run --locked -p pgkeep-sim --bin pgkeep-sim -- --seeds $(SEEDS)
 
-# Benchmark harness (bench/README.md): pgkeep vs Patroni failover and switchover, as root.
+# Benchmark harness (bench/README.md): pgkeep vs Patroni failover, switchover, REST API and
+# resources, as root.
 #   make bench                      10 trials per product and scenario, aggressive timings
 #   make bench TRIALS=1             quick run (a few minutes)
 #   make bench TIMINGS=aggressive,default SCENARIOS=failover BENCH_ARGS='--kill-phase-ms 500'
 #   make bench SYNC=1               the same with synchronous_mode: true for both products
+#   make bench SCENARIOS=rest       REST API (ab, next to nginx) + idle memory/CPU, release build
+#   make bench PROFILE=release      pgkeep's release build (default: debug, or release with rest)
 TRIALS ?= 10
 SCENARIOS ?= failover,switchover
 TIMINGS ?= aggressive
 SYNC ?=
+PROFILE ?= $(if $(findstring rest,$(SCENARIOS)),release,debug)
 BENCH_ARGS ?=
 .PHONY: bench
 bench: deps
-	$(CARGO) build --locked -p pgkeep
+	$(if $(findstring rest,$(SCENARIOS)),@bash scripts/install-deps.sh nginx)
+	$(CARGO) build --locked -p pgkeep $(if $(filter release,$(PROFILE)),--release)
 	$(CARGO) build --locked --release -p pgkeep-bench
-	target/release/pgkeep-bench --pgkeep-bin target/debug/pgkeep --trials $(TRIALS) \
+	target/release/pgkeep-bench --pgkeep-bin target/$(PROFILE)/pgkeep --trials $(TRIALS) \
 		--scenarios $(SCENARIOS) --timings $(TIMINGS) $(if $(filter 1 yes true,$(SYNC)),--sync) \
 		$(BENCH_ARGS)

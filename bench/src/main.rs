@@ -15,7 +15,9 @@ use clap::Parser;
 use pgkeep_bench::client::WriterSettings;
 use pgkeep_bench::cluster::{Cluster, Timings};
 use pgkeep_bench::floor::Floor;
+use pgkeep_bench::nginx::Nginx;
 use pgkeep_bench::report::{FailoverSet, Report, SwitchSet};
+use pgkeep_bench::scenario_rest::{self, RestArgs};
 use pgkeep_bench::sys::{self, Cgroups, Cmd, User, now};
 use pgkeep_bench::trials::{self, Settings, Switch};
 use pgkeep_bench::{patroni, pgkeep};
@@ -27,7 +29,8 @@ struct Args {
     /// Trials per product and scenario.
     #[arg(long, default_value_t = 10)]
     trials: usize,
-    /// Scenarios, comma-separated, run in this order: failover, switchover.
+    /// Scenarios, comma-separated, run in this order: failover, switchover, rest (REST API
+    /// `GET /primary` with ab next to nginx, and the agents' idle memory and CPU).
     #[arg(long, default_value = "failover,switchover", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Timings for failover, comma-separated: aggressive (10/2/4), default (30/10/10) or
@@ -62,13 +65,15 @@ struct Args {
     /// Where reports go (default: bench/out of the source tree).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Ports of the Patroni side and the floor: PostgreSQL base+433.., REST base+9.., floor
-    /// base+101..; all on 127.0.0.1.
+    /// Ports of the Patroni side, the floor and nginx: PostgreSQL base+433.., REST base+9..,
+    /// floor base+101.., nginx base+443; all on 127.0.0.1.
     #[arg(long, default_value_t = 17000)]
     port_base: u16,
     /// How long a node may take to rejoin before it is re-cloned (s).
     #[arg(long, default_value_t = 120)]
     rejoin_timeout: u64,
+    #[command(flatten)]
+    rest: RestArgs,
 }
 
 /// Everything started, so it can be stopped again.
@@ -80,6 +85,7 @@ struct Env {
     pgkeep: Option<Cluster>,
     patroni: Option<Cluster>,
     floor: Option<Floor>,
+    nginx: Option<Nginx>,
     lock: Option<nix::fcntl::Flock<std::fs::File>>,
     cleaned: bool,
 }
@@ -93,6 +99,9 @@ impl Env {
         }
         self.cleaned = true;
         eprintln!("cleanup: stopping everything this run started");
+        if let Some(n) = self.nginx.as_mut() {
+            n.stop().await;
+        }
         if let Some(f) = &self.floor {
             f.down().await;
         }
@@ -175,6 +184,7 @@ fn main() -> ExitCode {
         pgkeep: None,
         patroni: None,
         floor: None,
+        nginx: None,
         lock: None,
         cleaned: false,
     };
@@ -226,6 +236,7 @@ fn save_logs(env: &Env, raw: &Path) {
     }
     dirs.push((env.work.join("patroni/log"), "patroni-"));
     dirs.push((env.work.join("floor"), "floor-"));
+    dirs.push((env.work.join("nginx"), "nginx-"));
     for (dir, prefix) in dirs {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             continue;
@@ -312,25 +323,38 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
             a.kill_phase_ms
         );
     }
+    // The binary as given (env.bin becomes the run's private copy below).
+    let given_bin = env.bin.display().to_string();
     report.sync = a.sync;
     report.stall = (a.stall_ms > 0).then_some(a.stall_ms);
     for s in &a.scenarios {
-        if s != "failover" && s != "switchover" {
-            bail!("unknown scenario {s:?} (failover, switchover)");
+        if !["failover", "switchover", "rest"].contains(&s.as_str()) {
+            bail!("unknown scenario {s:?} (failover, switchover, rest)");
         }
     }
-    let (do_failover, do_switch) = (
-        a.scenarios.iter().any(|s| s == "failover"),
-        a.scenarios.iter().any(|s| s == "switchover"),
-    );
-    for p in [
-        &env.bin,
+    let has = |name: &str| a.scenarios.iter().any(|s| s == name);
+    let (do_failover, do_switch, do_rest) = (has("failover"), has("switchover"), has("rest"));
+    let mut needed = vec![
+        env.bin.as_path(),
         Path::new("/usr/bin/patroni"),
         Path::new("/usr/bin/etcd"),
         Path::new("/usr/bin/openssl"),
-    ] {
+    ];
+    if do_rest {
+        needed.extend([
+            Path::new("/usr/bin/ab"),
+            Path::new(pgkeep_bench::nginx::BIN),
+        ]);
+        if a.rest.loads().is_empty() {
+            bail!("rest: no load (--rest-concurrency and --rest-keepalive-concurrency are empty)");
+        }
+    }
+    for p in needed {
         if !p.exists() {
-            bail!("{} is missing (cargo build; make deps)", p.display());
+            bail!(
+                "{} is missing (cargo build; make deps; make bench SCENARIOS=rest installs nginx)",
+                p.display()
+            );
         }
     }
     sys::mkdir(&a.work, 0o755, None)?;
@@ -395,6 +419,10 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
         ("switchover method", "REST `POST /switchover` {\"leader\",\"candidate\"} with basic auth to the leader (pgkeep also presents the operator client certificate); write gap = last ack by the old primary → first ack by the candidate".into()),
         ("trials", format!("{} per product and scenario; scenarios {}", a.trials, a.scenarios.join(", "))),
     ];
+    let mut rows = rows;
+    if do_rest {
+        rows.push(("REST / resources method", a.rest.text(a.port_base + 443)));
+    }
     report.settings = rows.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
 
     eprintln!("[1/4] pgkeep up (etcd for everyone, then 3 agents in their own cgroups)");
@@ -422,6 +450,12 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
         eprintln!("[3/4] floor pair (plain streaming replication, no HA manager)");
         let ports = [a.port_base + 101, a.port_base + 102];
         env.floor = Some(Floor::setup(&env.work.join("floor"), ports, &shared, cg, &pg).await?);
+    }
+    if do_rest {
+        eprintln!("[3/4] nginx (the REST scenario's reference endpoint)");
+        let n = Nginx::start(&env.work.join("nginx"), a.port_base + 443, &shared, cg).await?;
+        report.settings.push(("nginx".into(), n.version.clone()));
+        env.nginx = Some(n);
     }
     let (Some(k), Some(p)) = (env.pgkeep.as_mut(), env.patroni.as_mut()) else {
         bail!("clusters missing");
@@ -497,9 +531,22 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
                 .await;
                 report.switchover = Some(sw);
                 ready = [ready[0] && usable[0], ready[1] && usable[1]];
+            } else if scenario == "rest"
+                && do_rest
+                && let Some(n) = env.nginx.as_ref()
+            {
+                let o = a.rest.options(std::fs::read(&shared.ca)?, raw.to_owned());
+                report.rest = Some(scenario_rest::run(k, p, n, &o, &given_bin).await);
             }
         }
-        report.failover.push(set);
+        if do_failover {
+            report.failover.push(set);
+        } else {
+            let applied = set.applied.join("; ");
+            report
+                .settings
+                .push(("dynamic configuration applied".into(), applied));
+        }
     }
     report
         .settings

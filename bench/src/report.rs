@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use crate::client::Loss;
 use crate::cluster::Timings;
 use crate::floor::FloorTrial;
+use crate::scenario_rest::RestSet;
 use crate::trials::{FailoverRow, SwitchRow};
 
 /// Failover trials under one set of timings.
@@ -44,6 +45,8 @@ pub struct Report {
     pub failover: Vec<FailoverSet>,
     /// Switchovers (None when not run).
     pub switchover: Option<SwitchSet>,
+    /// The REST/resources scenario (None when not run).
+    pub rest: Option<RestSet>,
     /// Errors and remarks.
     pub notes: Vec<String>,
     /// The run used `synchronous_mode: true`.
@@ -78,7 +81,7 @@ fn ms(v: Option<f64>) -> String {
     v.map_or("–".into(), |x| format!("{:.0}", x * 1000.0))
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
@@ -116,7 +119,7 @@ fn lost_total<T>(rows: &[T], f: impl Fn(&T) -> &Option<Loss>) -> (usize, usize) 
         .fold((0, 0), |(a, l), x| (a + x.acked, l + x.lost))
 }
 
-fn verdict(ok: Option<bool>) -> &'static str {
+pub(crate) fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "**met**",
         Some(false) => "**not met**",
@@ -130,7 +133,8 @@ impl Report {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "# pgkeep vs Patroni: failover and switchover, {}\n\n{}\n",
+            "# pgkeep vs Patroni: {}, {}\n\n{}\n",
+            self.scenarios(),
             self.mode(),
             self.header
         );
@@ -145,9 +149,12 @@ impl Report {
         if let Some(sw) = &self.switchover {
             self.switch_section(&mut o, sw, &mut targets);
         }
+        if let Some(r) = &self.rest {
+            crate::report_rest::section(&mut o, r, &mut targets);
+        }
         let _ = writeln!(
             o,
-            "\n## Targets (issue 5)\n\n| target | verdict |\n| --- | --- |"
+            "\n## Targets (issue 5: failover and switchover; issue 8: REST API and resources)\n\n| target | verdict |\n| --- | --- |"
         );
         for (t, v) in &targets {
             let _ = writeln!(o, "| {t} | {v} |");
@@ -159,6 +166,25 @@ impl Report {
             }
         }
         o
+    }
+
+    /// `failover, switchover and REST API / resources`: what the report holds.
+    pub fn scenarios(&self) -> String {
+        let mut v = Vec::new();
+        if !self.failover.is_empty() {
+            v.push("failover");
+        }
+        if self.switchover.is_some() {
+            v.push("switchover");
+        }
+        if self.rest.is_some() {
+            v.push("REST API / resources");
+        }
+        match v.len() {
+            0 => "no scenario".into(),
+            1 => v[0].into(),
+            n => format!("{} and {}", v[..n - 1].join(", "), v[n - 1]),
+        }
     }
 
     /// `synchronous replication` / `asynchronous replication`, with the stall if any.
@@ -473,6 +499,21 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(ratio(Some(1.0), Some(4.0)), Some(0.25));
         assert_eq!(ratio(Some(1.0), Some(0.0)), None);
+    }
+
+    #[test]
+    fn title_names_the_scenarios() {
+        let mut r = Report::default();
+        assert_eq!(r.scenarios(), "no scenario");
+        r.rest = Some(RestSet::default());
+        assert_eq!(r.scenarios(), "REST API / resources");
+        r.switchover = Some(SwitchSet::default());
+        r.failover.push(FailoverSet::default());
+        assert_eq!(
+            r.scenarios(),
+            "failover, switchover and REST API / resources"
+        );
+        assert!(r.markdown().contains("## REST API `GET /primary`"));
     }
 
     #[test]

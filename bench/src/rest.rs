@@ -76,6 +76,19 @@ impl Rest {
             .map(|r| r.status().as_u16())
     }
 
+    /// A `GET url` without basic auth: (status, body text).
+    pub async fn get(&self, url: &str) -> Result<(u16, String)> {
+        let r = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = r.status().as_u16();
+        Ok((status, r.text().await.unwrap_or_default()))
+    }
+
     /// The JSON of an authenticated `GET url`.
     pub async fn json(&self, url: &str) -> Result<serde_json::Value> {
         let r = self

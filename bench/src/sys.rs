@@ -492,9 +492,12 @@ impl Cmd {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let argv = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let runs = argv.split(|b| *b == 0).any(|a| {
-                Path::new(&*String::from_utf8_lossy(a)).file_name() == Some(name.as_ref())
-            });
+            // A program that rewrote its process title (`nginx: master process …`) counts too.
+            let titled = argv.starts_with(format!("{name}: ").as_bytes());
+            let runs = titled
+                || argv.split(|b| *b == 0).any(|a| {
+                    Path::new(&*String::from_utf8_lossy(a)).file_name() == Some(name.as_ref())
+                });
             let wrapped = argv.starts_with(b"/bin/sh\0") || argv.starts_with(b"/usr/bin/set");
             if runs && !wrapped {
                 return Ok(pid);
