@@ -222,8 +222,9 @@ pub(crate) fn continue_handover(cx: &mut Ctx<'_>) -> Plan {
                     members: candidates,
                 })
             } else {
-                // Ask again soon: a hand-over in progress is a write outage.
-                p.wake(cx.now + cx.cfg.loop_wait.min(Millis(100)))
+                // Ask again soon: a hand-over in progress is a write outage (each ask is one
+                // authenticated GET to the candidate, which reads its positions live).
+                p.wake(cx.now + cx.cfg.loop_wait.min(Millis(20)))
             };
         }
     }
