@@ -3,6 +3,7 @@
 mod agent;
 mod api;
 mod callbacks;
+mod clients;
 mod config;
 mod dcs;
 mod faults;

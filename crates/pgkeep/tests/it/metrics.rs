@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use pgkeep::api::ApiClient;
-use pgkeep_testkit::{API_USER, AgentCluster, Env, EtcdCluster};
+use pgkeep_testkit::{AgentCluster, Env, EtcdCluster};
 use prometheus_parse::{Scrape, Value};
-use secrecy::SecretString;
+
+use crate::clients::Clients;
 
 /// Sample name → (labels, value) of one scrape.
 type Samples = BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>;
@@ -60,19 +60,11 @@ fn metrics_follow_patroni_names_and_need_authentication() {
     .unwrap();
     let p = c.primary().unwrap();
     let r = (p + 1) % 3;
-    let ca = std::fs::read(env.ca_cert_path()).unwrap();
-    let client = ApiClient::builder(&ca)
-        .unwrap()
-        .identity_files(&c.operator_cert, &c.operator_key)
-        .unwrap()
-        .basic_auth(API_USER, SecretString::from(c.api_password.clone()))
-        .build()
-        .unwrap();
-    let anonymous = ApiClient::builder(&ca).unwrap().build().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let Clients {
+        operator: client,
+        anonymous,
+        rt,
+    } = Clients::new(&env, &c);
     let scrape = |i: usize| {
         let resp = rt
             .block_on(client.get(&format!("{}/metrics", c.agents[i].api_base())))

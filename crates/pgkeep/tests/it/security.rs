@@ -7,10 +7,10 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgkeep::api::ApiClient;
-use pgkeep_testkit::{API_USER, AgentCluster, Env, EtcdCluster};
+use pgkeep_testkit::{AgentCluster, Env, EtcdCluster};
 use reqwest::Method;
-use secrecy::SecretString;
+
+use crate::clients::Clients;
 
 const SCOPE: &str = "sec";
 
@@ -66,20 +66,11 @@ fn remote_configuration_runs_nothing_and_plaintext_is_refused() {
     let r = 1 - p;
     let marker = env.root().join("pwned");
     let touch = format!("/usr/bin/touch {}", marker.display());
-    let ca = std::fs::read(env.ca_cert_path()).unwrap();
-    let admin = ApiClient::builder(&ca)
-        .unwrap()
-        .identity_files(&c.operator_cert, &c.operator_key)
-        .unwrap()
-        .basic_auth(API_USER, SecretString::from(c.api_password.clone()))
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    let anonymous = ApiClient::builder(&ca).unwrap().build().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let Clients {
+        operator: admin,
+        anonymous,
+        rt,
+    } = Clients::new(&env, &c);
     let base = |i: usize| c.agents[i].api_base();
 
     // Unauthenticated state-changing calls are refused.
