@@ -395,37 +395,7 @@ pub fn operator_files(layout: &Layout, inv: &Inventory) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::{EtcdHost, LoadBalancer};
-
-    fn inv() -> Inventory {
-        Inventory {
-            cluster: "demo".into(),
-            namespace: "/service/".into(),
-            domain: "demo.internal".into(),
-            organisation_ca: None,
-            database_hosts: (1..=3)
-                .map(|i| DbHost {
-                    name: format!("node{i}"),
-                    address: format!("127.42.5.1{i}").parse().unwrap(),
-                    pg_port: 25430 + i,
-                    api_port: 28440 + i,
-                })
-                .collect(),
-            etcd_hosts: vec![EtcdHost {
-                name: "etcd1".into(),
-                address: "127.42.5.21".parse().unwrap(),
-                client_port: 22379,
-                peer_port: 22380,
-            }],
-            backup_host: None,
-            load_balancer: Some(LoadBalancer {
-                name: "lb".into(),
-                address: "127.42.5.41".parse().unwrap(),
-                write_port: 25100,
-                read_port: 25101,
-            }),
-        }
-    }
+    use crate::inventory::test_inventory as inv;
 
     #[test]
     fn node_config_is_a_valid_pgkeep_config() {

@@ -340,13 +340,7 @@ fn after_lease_loss(
     std::thread::sleep(Duration::from_secs(1));
     let records = w.stop();
     let r = writer::check(&records, &b.rows(np));
-    let old_tl = r
-        .primaries
-        .iter()
-        .filter(|(port, _)| *port == old_port)
-        .map(|(_, tl)| *tl)
-        .min()
-        .unwrap();
+    let old_tl = r.first_timeline_on(old_port).unwrap();
     let cut = t_pm_dead.unwrap_or(t_lost + Duration::from_secs(15));
     // Acknowledgements of the instance that ran when the lease was lost.
     let last_old = records

@@ -178,11 +178,7 @@ fn partitioned_primary_stops_committing_before_another_node_is_promoted() {
     let r = writer::check(&records, &rows(&c, np));
 
     let old_tl = r
-        .primaries
-        .iter()
-        .filter(|(port, _)| *port == old_port)
-        .map(|(_, tl)| *tl)
-        .min()
+        .first_timeline_on(old_port)
         .expect("the old primary acknowledged writes");
     let last_old = writer::last_ack_on(&records, old_port, old_tl);
     let new_port = c.agents[np].pg_port;

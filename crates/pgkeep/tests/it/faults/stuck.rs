@@ -109,13 +109,7 @@ fn stuck_postmaster_under_a_frozen_agent_is_killed_by_the_guard() {
     std::thread::sleep(Duration::from_secs(1));
     let records = w.stop();
     let r = writer::check(&records, &b.rows(np));
-    let old_tl = r
-        .primaries
-        .iter()
-        .filter(|(port, _)| *port == old_port)
-        .map(|(_, tl)| *tl)
-        .min()
-        .unwrap();
+    let old_tl = r.first_timeline_on(old_port).unwrap();
     let last_old = writer::last_ack_on(&records, old_port, old_tl);
     let new_port = port_of(&b, np);
     let first_new = records

@@ -193,12 +193,7 @@ fn agent_lost(name: &str, freeze: bool) {
     std::thread::sleep(Duration::from_secs(1));
     let records = w.stop();
     let r = writer::check(&records, &b.rows(np));
-    let old_tl = r
-        .primaries
-        .iter()
-        .find(|(port, _)| *port == old_port)
-        .map(|(_, tl)| *tl)
-        .unwrap();
+    let old_tl = r.first_timeline_on(old_port).unwrap();
     let last_old = writer::last_ack_on(&records, old_port, old_tl);
     let new_port = port_of(&b, np);
     let first_new = records
@@ -271,13 +266,7 @@ fn frozen_etcd_makes_the_primary_fence_before_its_lease_expires() {
     std::thread::sleep(Duration::from_secs(1));
     let records = w.stop();
     let r = writer::check(&records, &b.rows(np));
-    let old_tl = r
-        .primaries
-        .iter()
-        .filter(|(port, _)| *port == old_port)
-        .map(|(_, tl)| *tl)
-        .min()
-        .unwrap();
+    let old_tl = r.first_timeline_on(old_port).unwrap();
     let last_old = writer::last_ack_on(&records, old_port, old_tl)
         .filter(|t| *t >= t_freeze)
         .map(|t| t - t_freeze);

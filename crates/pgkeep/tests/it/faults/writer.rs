@@ -306,6 +306,16 @@ pub(super) struct Report {
     pub(super) primaries: BTreeSet<(u16, u32)>,
 }
 
+impl Report {
+    /// The first timeline on which the server on `port` acknowledged writes.
+    pub(super) fn first_timeline_on(&self, port: u16) -> Option<u32> {
+        self.primaries
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, tl)| *tl)
+    }
+}
+
 /// Compares the records with the rows the surviving primary holds.
 pub(super) fn check(records: &[Record], present: &BTreeSet<(String, i64)>) -> Report {
     let mut lost = Vec::new();
