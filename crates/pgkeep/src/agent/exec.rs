@@ -89,6 +89,18 @@ impl Shell {
                 self.renewed = true;
                 self.arm_guard_for_proof();
                 tracing::info!("acquired the leader key");
+                // Decide again as soon as the watch shows our key (usually a few ms): the core
+                // promotes only from a view containing our create, and waiting for the next
+                // cycle would add its pause to a switchover's write outage.
+                if let Some(rev) = rev {
+                    let shown = self
+                        .watch
+                        .wait_for(Duration::from_millis(250), |s| s.revision >= rev)
+                        .await;
+                    if shown.is_ok() {
+                        return Ok(Outcome::Replan);
+                    }
+                }
             }
             Action::RenewLeaderKey => {
                 let reply = self.keepalive().await?;
@@ -177,6 +189,9 @@ impl Shell {
                     pgkeep_core::ha::StopMode::Immediate => StopMode::Immediate,
                 };
                 self.stop_pg(mode).await?;
+                // A stop ends its plan; deciding again at once (a switchover's confirmation and
+                // release) instead of after the next pause keeps the write outage short.
+                return Ok(Outcome::Replan);
             }
             Action::Start { role } => {
                 if matches!(role, StartRole::Replica { .. }) && self.crashed_primary() {

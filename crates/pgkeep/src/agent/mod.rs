@@ -321,7 +321,7 @@ impl Shell {
                         | ha::Action::AdvanceSlots(_)
                 )
             });
-            if !replan || rounds >= 3 {
+            if !replan || rounds >= 4 {
                 // The keepalive a fence did not wait for (and one no renewal sent).
                 if !proof_live
                     && self.keepalives == keepalives_before
