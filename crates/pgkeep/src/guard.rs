@@ -115,8 +115,14 @@ pub enum Step {
     Exit,
 }
 
-/// The longest the guard sleeps between two reads of the state file.
+/// How often a guard that fenced looks again for a postmaster started under the same deadline.
 const POLL_MS: u64 = 100;
+
+/// The longest the guard sleeps between two reads of the state file before any deadline has
+/// passed. An armed wait ends at the deadline itself; a disarmed guard notices a new line at
+/// most this late, and an agent writes its deadline seconds ahead (a renewal's: TTL minus the
+/// safety margin after the keepalive), so this only spares the guard wake-ups.
+const IDLE_POLL_MS: u64 = 250;
 
 /// The guard's decision: pure, so every case is tested without processes. `Fence` means: stop
 /// any postmaster of the data directory that is not a standby, and look again.
@@ -128,10 +134,10 @@ const POLL_MS: u64 = 100;
 pub fn step(state: GuardState, now_ms: u64, owner_alive: bool) -> Step {
     match state {
         GuardState::Armed { deadline_ms, .. } if now_ms < deadline_ms => {
-            Step::Wait((deadline_ms - now_ms).min(POLL_MS))
+            Step::Wait((deadline_ms - now_ms).min(IDLE_POLL_MS))
         }
         GuardState::Armed { .. } => Step::Fence,
-        GuardState::Disarmed { .. } if owner_alive => Step::Wait(POLL_MS),
+        GuardState::Disarmed { .. } if owner_alive => Step::Wait(IDLE_POLL_MS),
         GuardState::Disarmed { .. } => Step::Exit,
     }
 }
@@ -431,7 +437,7 @@ mod tests {
             owner: 1,
         };
         assert_eq!(step(armed, 950, true), Step::Wait(50));
-        assert_eq!(step(armed, 100, false), Step::Wait(POLL_MS));
+        assert_eq!(step(armed, 100, false), Step::Wait(IDLE_POLL_MS));
         assert_eq!(step(armed, 1000, true), Step::Fence);
         assert_eq!(step(armed, 5000, false), Step::Fence);
     }
@@ -454,17 +460,17 @@ mod tests {
             deadline_ms: 3000,
             owner: 1,
         };
-        assert_eq!(step(renewed, 1200, true), Step::Wait(POLL_MS));
+        assert_eq!(step(renewed, 1200, true), Step::Wait(IDLE_POLL_MS));
         assert_eq!(step(renewed, 3000, true), Step::Fence);
         let disarmed = GuardState::Disarmed { owner: Some(1) };
-        assert_eq!(step(disarmed, 1200, true), Step::Wait(POLL_MS));
+        assert_eq!(step(disarmed, 1200, true), Step::Wait(IDLE_POLL_MS));
         assert_eq!(step(disarmed, 1200, false), Step::Exit);
     }
 
     #[test]
     fn disarmed_never_fences_and_ends_with_its_agent() {
         let d = GuardState::Disarmed { owner: Some(1) };
-        assert_eq!(step(d, u64::MAX, true), Step::Wait(POLL_MS));
+        assert_eq!(step(d, u64::MAX, true), Step::Wait(IDLE_POLL_MS));
         assert_eq!(step(d, 0, false), Step::Exit);
     }
 
