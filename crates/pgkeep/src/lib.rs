@@ -13,5 +13,6 @@ pub mod guard;
 pub mod haproxy;
 pub mod inventory;
 pub mod local;
+pub mod pgbackrest;
 pub mod pki;
 pub mod postgres;

@@ -1,0 +1,254 @@
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::*;
+
+fn tls(dir: &str, name: &str) -> TlsFiles {
+    TlsFiles {
+        cert: PathBuf::from(format!("{dir}/{name}.crt")),
+        key: PathBuf::from(format!("{dir}/{name}.key")),
+        ca: PathBuf::from("/etc/pgkeep/ca.crt"),
+    }
+}
+
+fn paths(root: &str) -> Paths {
+    Paths {
+        log: PathBuf::from(format!("{root}/log")),
+        lock: PathBuf::from(format!("{root}/lock")),
+        spool: PathBuf::from(format!("{root}/spool")),
+    }
+}
+
+fn node(i: u16) -> PgNode {
+    PgNode {
+        host: format!("db{i}.pgkeep.test"),
+        tls_port: 28440 + i,
+        data_dir: PathBuf::from(format!("/var/lib/pgkeep/db{i}/data")),
+        pg_port: 25430 + i,
+        socket_dir: PathBuf::from(format!("/run/pgkeep/db{i}")),
+    }
+}
+
+fn repo() -> RepoPlan {
+    RepoPlan {
+        stanza: "main".into(),
+        repo_path: PathBuf::from("/var/lib/pgbackrest"),
+        paths: paths("/var/lib/pgbackrest"),
+        server: Server {
+            address: "127.42.0.31".into(),
+            port: 28432,
+            tls: tls("/etc/pgbackrest/tls", "pgbackrest-backup"),
+            clients: (1..=3)
+                .map(|i| format!("pgbackrest-client-db{i}"))
+                .collect(),
+        },
+        client: tls("/etc/pgbackrest/tls", "pgbackrest-client-backup"),
+        nodes: (1..=3).map(node).collect(),
+        process_max: 2,
+        backup_standby: true,
+        retention: Retention::default(),
+        timeouts: Timeouts::default(),
+    }
+}
+
+fn node_plan() -> NodePlan {
+    NodePlan {
+        stanza: "main".into(),
+        paths: paths("/var/lib/pgkeep/db1/pgbackrest"),
+        pg: node(1),
+        repo_host: "backup.pgkeep.test".into(),
+        repo_port: 28432,
+        client: tls("/etc/pgkeep/db1/tls", "pgbackrest-client-db1"),
+        server: Server {
+            address: "127.42.0.11".into(),
+            port: 28441,
+            tls: tls("/etc/pgkeep/db1/tls", "pgbackrest-db1"),
+            clients: vec!["pgbackrest-client-backup".into()],
+        },
+        process_max: 1,
+        archive_queue_max_mib: 4096,
+        timeouts: Timeouts::default(),
+    }
+}
+
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| !l.starts_with('#')).collect()
+}
+
+#[test]
+fn repository_lets_in_only_the_named_nodes_for_its_stanza_and_encrypts() {
+    let text = render_repo(&repo()).unwrap();
+    let l = lines(&text);
+    for i in 1..=3 {
+        assert!(l.contains(&format!("tls-server-auth=pgbackrest-client-db{i}=main").as_str()));
+        assert!(l.contains(&format!("pg{i}-host=db{i}.pgkeep.test").as_str()));
+        assert!(l.contains(&format!("pg{i}-host-type=tls").as_str()));
+    }
+    assert!(!text.contains("=*"), "{text}");
+    assert!(l.contains(&"repo1-cipher-type=aes-256-cbc"));
+    assert!(
+        !text.contains("cipher-pass"),
+        "the passphrase stays in its own file"
+    );
+    assert!(l.contains(&"compress-type=zst"));
+    assert!(l.contains(&"backup-standby=y"));
+    assert!(l.contains(&"start-fast=y"));
+    // Options before any section would be ignored; the stanza section holds the nodes.
+    let global = text.find("[global]").unwrap();
+    let stanza = text.find("[main]").unwrap();
+    assert!(global < stanza && text.find("pg1-path").unwrap() > stanza);
+}
+
+#[test]
+fn node_pushes_to_the_repository_over_tls_and_lets_in_only_the_repository() {
+    let text = render_node(&node_plan()).unwrap();
+    let l = lines(&text);
+    assert!(l.contains(&"repo1-host=backup.pgkeep.test"));
+    assert!(l.contains(&"repo1-host-type=tls"));
+    assert!(l.contains(&"tls-server-auth=pgbackrest-client-backup=main"));
+    assert_eq!(
+        l.iter()
+            .filter(|x| x.starts_with("tls-server-auth="))
+            .count(),
+        1
+    );
+    assert!(l.contains(&"archive-async=y"));
+    assert!(l.contains(&"archive-push-queue-max=4096MiB"));
+    assert!(l.contains(&"io-timeout=10"));
+    assert!(
+        !text.contains("cipher"),
+        "a node never holds the passphrase"
+    );
+}
+
+#[test]
+fn every_value_line_is_a_plain_key_value_pair() {
+    for text in [
+        render_repo(&repo()).unwrap(),
+        render_node(&node_plan()).unwrap(),
+    ] {
+        for l in lines(&text) {
+            if l.is_empty() || l.starts_with('[') {
+                continue;
+            }
+            let (k, v) = l.split_once('=').unwrap();
+            assert!(!k.is_empty() && !v.is_empty() && !v.contains('#'), "{l}");
+        }
+    }
+}
+
+#[test]
+fn unusable_values_are_refused_with_the_option_named() {
+    let mut p = repo();
+    p.server.clients.clear();
+    assert_eq!(render_repo(&p).unwrap_err().what, "tls-server-auth");
+    let mut p = repo();
+    p.server.clients.push("*".into());
+    assert_eq!(render_repo(&p).unwrap_err().what, "tls-server-auth");
+    let mut p = repo();
+    p.server.address = "*".into();
+    assert_eq!(render_repo(&p).unwrap_err().what, "tls-server-address");
+    let mut p = repo();
+    p.repo_path = PathBuf::from("relative/repo");
+    assert_eq!(render_repo(&p).unwrap_err().what, "repo1-path");
+    let mut p = repo();
+    p.nodes[1].socket_dir = PathBuf::from("/run/a#b");
+    assert_eq!(render_repo(&p).unwrap_err().what, "pg2-socket-path");
+    let mut p = repo();
+    p.nodes[0].host = "db1\n[global]".into();
+    assert_eq!(render_repo(&p).unwrap_err().what, "pg1-host");
+    let mut p = node_plan();
+    p.timeouts.protocol = p.timeouts.db;
+    assert_eq!(render_node(&p).unwrap_err().what, "protocol-timeout");
+    let mut p = node_plan();
+    p.stanza = "main cluster".into();
+    assert_eq!(render_node(&p).unwrap_err().what, "stanza");
+    assert_eq!(
+        render_cipher("short").unwrap_err().what,
+        "repo1-cipher-pass"
+    );
+}
+
+#[test]
+fn wal_commands_use_the_nodes_own_file_and_refuse_shell_syntax() {
+    let (archive, restore) = wal_commands(
+        Path::new("/usr/bin/pgbackrest"),
+        Path::new("/etc/pgkeep/db1/pgbackrest.conf"),
+        "main",
+    )
+    .unwrap();
+    assert_eq!(
+        archive,
+        "/usr/bin/pgbackrest --config=/etc/pgkeep/db1/pgbackrest.conf --stanza=main archive-push %p"
+    );
+    assert_eq!(
+        restore,
+        "/usr/bin/pgbackrest --config=/etc/pgkeep/db1/pgbackrest.conf --stanza=main archive-get %f \"%p\""
+    );
+    for bad in ["/etc/x;rm -rf /", "/etc/$(id)", "etc/relative", "/etc/a b"] {
+        assert!(wal_commands(Path::new("/usr/bin/pgbackrest"), Path::new(bad), "main").is_err());
+    }
+    assert!(wal_commands(Path::new("pgbackrest"), Path::new("/etc/p.conf"), "main").is_err());
+}
+
+#[test]
+fn process_max_is_half_the_cpus_within_bounds() {
+    assert_eq!(process_max_for(1), 1);
+    assert_eq!(process_max_for(2), 1);
+    assert_eq!(process_max_for(8), 4);
+    assert_eq!(process_max_for(64), 8);
+}
+
+/// Runs Debian's pgBackRest on a rendered file: every option must be one it knows, in a section
+/// where it is valid (it warns about others and ignores them).
+fn pgbackrest_accepts(name: &str, text: &str, include: Option<&str>) {
+    if !Path::new("/usr/bin/pgbackrest").exists() {
+        // The packages `make test` installs include pgbackrest; a bare `cargo test` may lack it.
+        eprintln!("pgbackrest is not installed; skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join(format!("{name}.conf"));
+    std::fs::write(&conf, text).unwrap();
+    let inc = dir.path().join("conf.d");
+    std::fs::create_dir(&inc).unwrap();
+    if let Some(i) = include {
+        std::fs::write(inc.join("cipher.conf"), i).unwrap();
+    }
+    let out = Command::new("/usr/bin/pgbackrest")
+        .arg(format!("--config={}", conf.display()))
+        .arg(format!("--config-include-path={}", inc.display()))
+        .args([
+            "--stanza=main",
+            "--log-level-console=warn",
+            "--log-level-file=off",
+        ])
+        .args(["--log-level-stderr=warn", "--lock-path", "/tmp", "info"])
+        .env_clear()
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bad in [
+        "invalid option",
+        "not valid for",
+        "is not allowed",
+        "invalid value",
+    ] {
+        assert!(!all.contains(bad), "{name}: pgbackrest said {all}\n{text}");
+    }
+}
+
+#[test]
+fn debians_pgbackrest_knows_every_option_written() {
+    let pass = "x".repeat(48);
+    pgbackrest_accepts(
+        "repo",
+        &render_repo(&repo()).unwrap(),
+        Some(&render_cipher(&pass).unwrap()),
+    );
+    pgbackrest_accepts("node", &render_node(&node_plan()).unwrap(), None);
+}
