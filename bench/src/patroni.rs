@@ -39,8 +39,15 @@ pub fn ports(base: u16, i: u16) -> Ports {
 }
 
 /// Issues `<dir>/<name>.crt/.key` (EC P-256, SAN localhost + 127.0.0.1, server and client
-/// usage) from the shared CA with openssl, the key owned by `owner`.
+/// usage) from the shared CA with openssl, the key owned by `owner`. An empty `cn` gives a
+/// subject without a common name (`O=pgkeep-bench`): etcd's JSON gateway refuses a client
+/// certificate with one once authentication is on.
 pub async fn issue(dir: &Path, name: &str, cn: &str, shared: &Shared, owner: &User) -> Result<()> {
+    let subject = if cn.is_empty() {
+        "/O=pgkeep-bench".to_owned()
+    } else {
+        format!("/CN={cn}")
+    };
     let p = |ext: &str| {
         dir.join(format!("{name}.{ext}"))
             .to_string_lossy()
@@ -65,7 +72,7 @@ pub async fn issue(dir: &Path, name: &str, cn: &str, shared: &Shared, owner: &Us
             "-key",
             &p("key"),
             "-subj",
-            &format!("/CN={cn}"),
+            &subject,
             "-out",
             &p("csr"),
         ])
@@ -113,6 +120,7 @@ struct Secrets {
     rewind: String,
     rest: String,
     app: String,
+    etcd: String,
 }
 
 fn yml(
@@ -155,6 +163,8 @@ etcd3:
   cacert: {tls}/ca.crt
   cert: {tls}/etcd.crt
   key: {tls}/etcd.key
+  username: {etcd_user}
+  password: '{etcd_pw}'
 bootstrap:
   dcs:
     ttl: {ttl}
@@ -204,6 +214,8 @@ tags: {{nofailover: false, noloadbalance: false, clonefrom: false, nosync: false
         su = auth("postgres", &s.superuser),
         repl = auth("replicator", &s.replication),
         rew = auth("rewind_user", &s.rewind),
+        etcd_user = crate::pgkeep::PATRONI_ETCD_USER,
+        etcd_pw = s.etcd,
     )
 }
 
@@ -232,13 +244,14 @@ pub async fn up(
     pg.chown(&tls.join("ca.crt"))?;
     issue(&tls, "rest", "patroni-rest", shared, pg).await?;
     issue(&tls, "pg", "patroni-postgres", shared, pg).await?;
-    issue(&tls, "etcd", "patroni-etcd-client", shared, pg).await?;
+    issue(&tls, "etcd", "", shared, pg).await?;
     let s = Secrets {
         superuser: sys::random_hex(16)?,
         replication: sys::random_hex(16)?,
         rewind: sys::random_hex(16)?,
         rest: sys::random_hex(16)?,
         app: sys::random_hex(16)?,
+        etcd: shared.patroni_etcd_password.clone(),
     };
     let etcd_hosts: Vec<String> = shared
         .etcd_endpoints

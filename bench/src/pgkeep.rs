@@ -17,6 +17,9 @@ use crate::sys::{Cgroups, Cmd, User};
 
 /// The cluster name (host names are `<node>.pgkbench.internal`).
 pub const CLUSTER: &str = "pgkbench";
+/// Patroni's etcd user: a password user (Patroni 3.0.2 reaches etcd through the JSON gateway,
+/// which cannot authenticate by certificate).
+pub const PATRONI_ETCD_USER: &str = "patroni@patroni";
 
 /// What the pgkeep environment offers the other parts of the run.
 pub struct Shared {
@@ -28,6 +31,8 @@ pub struct Shared {
     pub ca_key: PathBuf,
     /// etcd endpoints (`https://name:port`).
     pub etcd_endpoints: Vec<String>,
+    /// The password of [`PATRONI_ETCD_USER`] (from `D/secrets/etcd-patroni.pw`, 0600).
+    pub patroni_etcd_password: String,
 }
 
 fn text(v: &Value, what: &str) -> Result<String> {
@@ -65,6 +70,29 @@ pub async fn up(
         .await
         .context("pgkeep up --no-agents")?;
     std::fs::write(log, &out)?;
+    // etcd authentication is on: the harness (the operator's certificate, CN pgkeep-operator)
+    // and Patroni (a password user) get read-write access to Patroni's scope.
+    let pw_file = dir.join("secrets/etcd-patroni.pw");
+    let pw_s = pw_file.to_string_lossy().into_owned();
+    let scope = crate::patroni::SCOPE;
+    for extra in [
+        vec!["--user", "pgkeep-operator"],
+        vec!["--user", PATRONI_ETCD_USER, "--password-file", &pw_s],
+    ] {
+        let mut args = vec!["etcd", "grant", "--dir", &dir_s, "--scope", scope];
+        args.extend(extra);
+        let out = Cmd::new(&bin_s)
+            .args(args)
+            .timeout(Duration::from_secs(60))
+            .output()
+            .await
+            .context("pgkeep etcd grant")?;
+        std::fs::write(log, format!("{}\n{out}", std::fs::read_to_string(log)?))?;
+    }
+    let patroni_etcd_password = std::fs::read_to_string(&pw_file)
+        .with_context(|| format!("reading {}", pw_file.display()))?
+        .trim()
+        .to_owned();
     let doc: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("cluster.json")).context("reading cluster.json")?,
     )
@@ -179,6 +207,7 @@ pub async fn up(
         ca,
         doc,
         etcd_endpoints,
+        patroni_etcd_password,
     };
     if !shared.ca_key.exists() {
         bail!("{} is missing", shared.ca_key.display());

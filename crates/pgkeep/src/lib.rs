@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dcs;
+pub mod etcdconf;
 pub mod fsutil;
 pub mod guard;
 pub mod haproxy;

@@ -30,8 +30,10 @@ enum Command {
     Down(cli::up::DownArgs),
     /// Operator CLI: list, switch over, pause, restart, reinitialize, edit the configuration.
     Ctl(cli::ctl::CtlArgs),
-    /// Configuration for the components around the cluster (HAProxy), printed to stdout.
+    /// Configuration for the components around the cluster (HAProxy, etcd), printed to stdout.
     Render(cli::render::RenderArgs),
+    /// etcd access control of a local environment: grant a user a scope's keys.
+    Etcd(cli::etcd::EtcdArgs),
     /// The fence guard the agent starts beside itself (not for direct use).
     #[command(hide = true)]
     FenceGuard {
@@ -64,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::Down(a) => cli::up::run_down(a),
         Command::Ctl(a) => cli::ctl::run(a),
         Command::Render(a) => cli::render::run(a),
+        Command::Etcd(a) => cli::etcd::run(a),
         Command::FenceGuard {
             state,
             config_dir,

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod ctl;
+pub mod etcd;
 pub mod pki;
 pub mod render;
 pub mod up;

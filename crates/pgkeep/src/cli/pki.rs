@@ -345,11 +345,19 @@ fn issue(args: IssueArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let info = pki::inspect(&files.cert)
         .with_context(|| format!("pki issue: cannot read back {}", files.cert.display()))?;
 
-    writeln!(
-        out,
-        "issued {} certificate CN={} ({})",
-        args.service, request.common_name, request.usage
-    )?;
+    if request.common_name.is_empty() {
+        writeln!(
+            out,
+            "issued {} certificate without a common name, subject {} ({})",
+            args.service, info.subject, request.usage
+        )?;
+    } else {
+        writeln!(
+            out,
+            "issued {} certificate CN={} ({})",
+            args.service, request.common_name, request.usage
+        )?;
+    }
     writeln!(out, "  certificate: {} (0644)", files.cert.display())?;
     writeln!(out, "  key:         {} (0600)", files.key.display())?;
     if !info.dns_names.is_empty() {

@@ -4,6 +4,8 @@
 //! pgkeep render haproxy --dir D                       # the local environment of `pgkeep up`
 //! pgkeep render haproxy --inventory FILE [--ca-file F] [--client-cert PEM | --no-client-cert]
 //!                       [--stats-socket PATH] [--state-file PATH] [--replica-lag SIZE]
+//! pgkeep render etcd --dir D                          # the flags and users `up` uses
+//! pgkeep render etcd --inventory FILE [--etc-dir DIR] [--data-dir DIR] [--operator NAME]...
 //! ```
 //!
 //! Every target reads the same inventory (`D/inventory.yml`, the file `pgkeep up` writes, or a
@@ -14,6 +16,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
+use crate::etcdconf;
 use crate::haproxy::{self, Files, Plan};
 use crate::inventory::Inventory;
 use crate::local::Layout;
@@ -35,6 +38,9 @@ pub enum RenderTarget {
     /// HAProxy: a write port (the primary) and a read port (healthy replicas), checking every
     /// node's REST API over verified TLS.
     Haproxy(HaproxyArgs),
+    /// etcd: each member's flags (mutual TLS, client-certificate users, the JSON gateway on) and
+    /// the access control (users, roles, authentication) as an idempotent etcdctl script.
+    Etcd(EtcdArgs),
 }
 
 /// Which cluster: an inventory file, or a local environment directory.
@@ -78,6 +84,81 @@ pub struct HaproxyArgs {
     replica_lag: u64,
 }
 
+/// `pgkeep render etcd`.
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    #[command(flatten)]
+    source: Source,
+    /// Where the CA, each member's etcd-server certificate and key, etcd's root certificate
+    /// (etcd-root-admin.{crt,key}) and the password files are on the etcd hosts (with
+    /// --inventory).
+    #[arg(long, value_name = "DIR", default_value = ETCD_ETC_DIR, conflicts_with = "dir")]
+    etc_dir: PathBuf,
+    /// Each member's data directory (with --inventory) [default: /var/lib/etcd/pgkeep-<cluster>].
+    #[arg(long, value_name = "DIR", conflicts_with = "dir")]
+    data_dir: Option<PathBuf>,
+    /// An operator whose etcd-client certificate (CN pgkeep-<NAME>) reads and writes the
+    /// cluster's keys (repeatable; with --inventory).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "operator",
+        conflicts_with = "dir"
+    )]
+    operator: Vec<String>,
+}
+
+/// Where etcd's files for pgkeep live on a real etcd host by default.
+const ETCD_ETC_DIR: &str = "/etc/etcd/pgkeep";
+
+fn etcd_document(a: &EtcdArgs) -> Result<String> {
+    let (inv, layout) = load(&a.source)?;
+    if let Some(l) = &layout {
+        return crate::local::etcd_access::document(l, &inv);
+    }
+    let etc = &a.etc_dir;
+    let data = a
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/var/lib/etcd/pgkeep-{}", inv.cluster)));
+    let opts = etcdconf::MemberOptions {
+        cluster_token: format!("pgkeep-{}", inv.cluster),
+        loopback: inv.etcd_hosts.iter().all(|h| h.address.is_loopback()),
+    };
+    let members = inv
+        .etcd_hosts
+        .iter()
+        .map(|m| {
+            let base = format!("{}-{}", crate::pki::Service::EtcdServer, m.name);
+            let files = etcdconf::MemberFiles {
+                data_dir: data.clone(),
+                cert: etc.join(format!("{base}.crt")),
+                key: etc.join(format!("{base}.key")),
+                ca: etc.join(crate::pki::CA_CERT_FILE),
+            };
+            (m, etcdconf::member_args(&inv, m, &files, &opts))
+        })
+        .collect();
+    let plan = etcdconf::cluster_plan(&inv, &a.operator)?;
+    let patronictl = crate::dcs::access::password_user(etcdconf::PATRONICTL, &inv.cluster);
+    let root = format!("{}-admin", crate::pki::Service::EtcdRoot);
+    Ok(etcdconf::render(&etcdconf::Document {
+        inv: &inv,
+        members,
+        member_user: "etcd".into(),
+        plan: &plan,
+        files: etcdconf::AccessFiles {
+            ca: etc.join(crate::pki::CA_CERT_FILE),
+            root_cert: etc.join(format!("{root}.crt")),
+            root_key: etc.join(format!("{root}.key")),
+            password_files: std::collections::BTreeMap::from([(
+                patronictl,
+                etc.join("etcd-patronictl.pw"),
+            )]),
+        },
+    }))
+}
+
 fn parse_lag(s: &str) -> Result<u64, String> {
     pgkeep_core::health::parse_size(s)
 }
@@ -87,6 +168,10 @@ pub fn run(args: RenderArgs) -> Result<()> {
     match args.target {
         RenderTarget::Haproxy(a) => {
             print!("{}", haproxy_config(&a)?);
+            Ok(())
+        }
+        RenderTarget::Etcd(a) => {
+            print!("{}", etcd_document(&a)?);
             Ok(())
         }
     }
@@ -152,5 +237,38 @@ mod tests {
     #[test]
     fn default_lag_is_the_library_default() {
         assert_eq!(parse_lag("16MB"), Ok(DEFAULT_REPLICA_LAG));
+    }
+
+    #[test]
+    fn etcd_for_a_real_deployment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("inventory.yml");
+        let mut inv = crate::inventory::test_inventory();
+        inv.etcd_hosts[0].address = "10.0.0.21".parse().unwrap();
+        inv.save(&file).unwrap();
+        let args = EtcdArgs {
+            source: Source {
+                inventory: Some(file),
+                dir: None,
+            },
+            etc_dir: PathBuf::from("/etc/etcd/pgkeep"),
+            data_dir: None,
+            operator: vec!["alice".into(), "bob".into()],
+        };
+        let text = etcd_document(&args).unwrap();
+        for want in [
+            "--data-dir=/var/lib/etcd/pgkeep-demo",
+            "--cert-file=/etc/etcd/pgkeep/etcd-server-etcd1.crt",
+            "--initial-cluster-token=pgkeep-demo",
+            "export ETCDCTL_KEY=/etc/etcd/pgkeep/etcd-root-admin.key",
+            "certificate_user pgkeep-alice\n",
+            "certificate_user pgkeep-bob\n",
+            "password_user patronictl@demo /etc/etcd/pgkeep/etcd-patronictl.pw\n",
+        ] {
+            assert!(text.contains(want), "{want:?} missing:\n{text}");
+        }
+        // Not loopback: the peer SAN check stays on.
+        assert!(!text.contains("skip-client-san"), "{text}");
+        assert!(!text.contains("pgkeep-operator"), "{text}");
     }
 }

@@ -6,6 +6,7 @@
 //! serialising the values) lives in [`pgkeep_core::cluster`]; this module only moves bytes.
 //!
 //! - [`etcd`]: [`EtcdDcs`], the etcd v3 client over mutual TLS.
+//! - [`access`]: etcd users and roles (least privilege per cluster) and turning authentication on.
 //! - [`watch`]: [`ClusterWatch`], a continuously updated [`Snapshot`] of the cluster prefix.
 
 use std::future::Future;
@@ -16,6 +17,7 @@ use pgkeep_core::cluster::{
     SyncState, Versioned,
 };
 
+pub mod access;
 pub mod etcd;
 mod rpc;
 pub mod settings;

@@ -40,6 +40,10 @@ pub(crate) fn classify(e: &etcd_client::Error) -> Class {
             let c = i32::from(status.code());
             if c == code::NOT_FOUND && status.message().contains("lease not found") {
                 Class::LeaseNotFound
+            } else if status.message().contains("revision of auth store is old") {
+                // The auth store changed (a user or role was added) between the request being
+                // stamped and applied: the same request succeeds when sent again.
+                Class::Transient
             } else if matches!(
                 c,
                 code::INVALID_ARGUMENT
@@ -231,6 +235,16 @@ mod tests {
         assert_eq!(classify(&unavailable()), Class::Transient);
         assert_eq!(
             classify(&etcd_client::Error::InvalidArgs("x".into())),
+            Class::Permanent
+        );
+        let old_auth = tonic::Status::invalid_argument("etcdserver: revision of auth store is old");
+        assert_eq!(
+            classify(&etcd_client::Error::GRpcStatus(old_auth)),
+            Class::Transient
+        );
+        let denied = tonic::Status::permission_denied("etcdserver: permission denied");
+        assert_eq!(
+            classify(&etcd_client::Error::GRpcStatus(denied)),
             Class::Permanent
         );
         assert_eq!(

@@ -53,9 +53,24 @@ pub fn operator_rest(layout: &Layout) -> Pair {
     pair(&layout.pki(), Service::Operator, OPERATOR_NAME)
 }
 
+/// The name of the operator's etcd client certificate (CN `pgkeep-operator`).
+pub const OPERATOR_ETCD_NAME: &str = "operator";
+
 /// The operator's etcd client certificate (CN `pgkeep-operator`).
 pub fn operator_etcd(layout: &Layout) -> Pair {
-    pair(&layout.pki(), Service::EtcdClient, "operator")
+    pair(&layout.pki(), Service::EtcdClient, OPERATOR_ETCD_NAME)
+}
+
+/// etcd's administrator (CN `root`, `etcd-root-admin`): only `up` and `pgkeep etcd grant` use
+/// it, to manage users and roles. Root-only, like the CA key beside it.
+pub fn etcd_root(layout: &Layout) -> Pair {
+    pair(&layout.pki(), Service::EtcdRoot, "admin")
+}
+
+/// `patronictl`'s TLS identity towards etcd's JSON gateway (`etcd-gateway-patronictl`, no
+/// common name): it names no etcd user; `patronictl` logs in with its password.
+pub fn etcd_gateway(layout: &Layout) -> Pair {
+    pair(&layout.pki(), Service::EtcdGateway, "patronictl")
 }
 
 /// Common names allowed to call the agents' protected REST endpoints.
@@ -151,7 +166,8 @@ impl Target {
 /// Every certificate of the environment (HAProxy's only when its user is given): per node its
 /// PostgreSQL and REST API server certificates and its REST API, etcd, replication and rewind
 /// client certificates; per etcd member its server/peer certificate; HAProxy's client
-/// certificate; the operator's REST API and etcd client certificates.
+/// certificate; the operator's REST API and etcd client certificates, etcd's root certificate
+/// and patronictl's gateway certificate.
 pub fn targets(
     layout: &Layout,
     inv: &Inventory,
@@ -205,7 +221,9 @@ pub fn targets(
     }
     for (service, name) in [
         (Service::Operator, OPERATOR_NAME),
-        (Service::EtcdClient, "operator"),
+        (Service::EtcdClient, OPERATOR_ETCD_NAME),
+        (Service::EtcdRoot, "admin"),
+        (Service::EtcdGateway, "patronictl"),
     ] {
         out.push(Target {
             service,

@@ -1,11 +1,13 @@
 //! The environment's etcd members: how each is started and how its health is checked.
 //!
-//! Each member runs as `etcd` with client and peer TLS, client-certificate authentication on
-//! both, the environment's CA as the only trust anchor, `--pre-vote`, periodic compaction, an
-//! explicit backend quota and the v2 API off. On loopback every connection's source address is
-//! 127.0.0.1 whatever address the dialing member uses, so etcd's check of a peer certificate's
-//! SANs against the source address cannot pass: `--experimental-peer-skip-client-san-verification`
-//! turns off that one check (the chain is still verified; servers are still checked by name).
+//! Each member runs as `etcd` with the flags of [`crate::etcdconf::member_args`]: client and peer
+//! TLS, client-certificate authentication on both, the environment's CA as the only trust anchor,
+//! `--pre-vote`, periodic compaction, an explicit backend quota, the v2 API off and the JSON
+//! gateway on. On loopback every connection's source address is 127.0.0.1 whatever address the
+//! dialing member uses, so etcd's check of a peer certificate's SANs against the source address
+//! cannot pass: `--experimental-peer-skip-client-san-verification` turns off that one check (the
+//! chain is still verified; servers are still checked by name). Users, roles and authentication:
+//! [`super::etcd_access`].
 
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
@@ -17,11 +19,9 @@ use super::spawn::{Identity, Spec};
 use super::{ETCD_BIN, Layout, ServiceUser, s};
 use crate::dcs::Dcs;
 use crate::dcs::{EtcdDcs, EtcdSettings, TlsFiles};
+use crate::etcdconf::{MemberFiles, MemberOptions};
 use crate::inventory::{EtcdHost, Inventory};
 use crate::pki::Service;
-
-/// Backend quota: 256 MiB, explicit rather than etcd's default.
-const QUOTA_BACKEND_BYTES: u64 = 256 * 1024 * 1024;
 
 /// How `down` and `up` recognise member `m`'s process.
 pub fn identity(layout: &Layout, m: &str) -> Identity {
@@ -31,60 +31,37 @@ pub fn identity(layout: &Layout, m: &str) -> Identity {
     }
 }
 
+/// Member `m`'s files in the environment.
+pub fn member_files(layout: &Layout, m: &str) -> MemberFiles {
+    let cert = certs::pair(&etcd_tls(layout, m), Service::EtcdServer, m);
+    MemberFiles {
+        data_dir: layout.etcd_data(m),
+        cert: cert.cert,
+        key: cert.key,
+        ca: layout.ca_cert(),
+    }
+}
+
+/// Member `m`'s flags ([`crate::etcdconf::member_args`] on loopback; a member of another
+/// environment cannot join: the cluster token names this directory).
+pub fn member_args(layout: &Layout, inv: &Inventory, m: &EtcdHost) -> Vec<String> {
+    let opts = MemberOptions {
+        cluster_token: format!("pgkeep-{}-{}", inv.cluster, layout.hash()),
+        loopback: true,
+    };
+    crate::etcdconf::member_args(inv, m, &member_files(layout, &m.name), &opts)
+}
+
 /// The start specification of member `m`.
 pub fn spec(layout: &Layout, inv: &Inventory, m: &EtcdHost, user: &ServiceUser) -> Spec {
-    let url = |port: u16| format!("https://{}:{port}", inv.fqdn(&m.name));
-    let listen = |port: u16| format!("https://{}:{port}", m.address);
-    let initial_cluster = inv
-        .etcd_hosts
-        .iter()
-        .map(|e| format!("{}=https://{}:{}", e.name, inv.fqdn(&e.name), e.peer_port))
-        .collect::<Vec<_>>()
-        .join(",");
-    let cert = certs::pair(&etcd_tls(layout, &m.name), Service::EtcdServer, &m.name);
-    let ca = s(&layout.ca_cert());
-    let args: Vec<OsString> = [
-        format!("--name={}", m.name),
-        format!("--data-dir={}", s(&layout.etcd_data(&m.name))),
-        format!("--listen-client-urls={}", listen(m.client_port)),
-        format!("--advertise-client-urls={}", url(m.client_port)),
-        format!("--listen-peer-urls={}", listen(m.peer_port)),
-        format!("--initial-advertise-peer-urls={}", url(m.peer_port)),
-        format!("--initial-cluster={initial_cluster}"),
-        // Ignored once the member has data; a member of another environment cannot join.
-        format!(
-            "--initial-cluster-token=pgkeep-{}-{}",
-            inv.cluster,
-            layout.hash()
-        ),
-        "--initial-cluster-state=new".into(),
-        "--client-cert-auth=true".into(),
-        format!("--trusted-ca-file={ca}"),
-        format!("--cert-file={}", s(&cert.cert)),
-        format!("--key-file={}", s(&cert.key)),
-        "--peer-client-cert-auth=true".into(),
-        format!("--peer-trusted-ca-file={ca}"),
-        format!("--peer-cert-file={}", s(&cert.cert)),
-        format!("--peer-key-file={}", s(&cert.key)),
-        "--experimental-peer-skip-client-san-verification=true".into(),
-        "--pre-vote=true".into(),
-        "--auto-compaction-mode=periodic".into(),
-        "--auto-compaction-retention=1h".into(),
-        format!("--quota-backend-bytes={QUOTA_BACKEND_BYTES}"),
-        "--heartbeat-interval=100".into(),
-        "--election-timeout=1000".into(),
-        "--enable-v2=false".into(),
-        "--logger=zap".into(),
-        "--log-outputs=stderr".into(),
-    ]
-    .into_iter()
-    .map(OsString::from)
-    .collect();
     Spec {
         name: m.name.clone(),
         user: user.clone(),
         program: ETCD_BIN.into(),
-        args,
+        args: member_args(layout, inv, m)
+            .into_iter()
+            .map(OsString::from)
+            .collect(),
         home: layout.etcd_dir(&m.name),
         log: layout.etcd_log(&m.name),
         pid_file: layout.etcd_pid(&m.name),
@@ -98,7 +75,21 @@ pub fn spec(layout: &Layout, inv: &Inventory, m: &EtcdHost, user: &ServiceUser) 
 
 /// etcd settings with the operator's client certificate for `endpoints` (`host:port`).
 pub fn operator_settings(layout: &Layout, inv: &Inventory, endpoints: Vec<String>) -> EtcdSettings {
-    let op = operator_etcd(layout);
+    settings_with(layout, inv, endpoints, operator_etcd(layout))
+}
+
+/// etcd settings with etcd's root certificate ([`certs::etcd_root`]), for user and role
+/// management only.
+pub fn root_settings(layout: &Layout, inv: &Inventory) -> EtcdSettings {
+    settings_with(layout, inv, inv.etcd_endpoints(), certs::etcd_root(layout))
+}
+
+fn settings_with(
+    layout: &Layout,
+    inv: &Inventory,
+    endpoints: Vec<String>,
+    op: certs::Pair,
+) -> EtcdSettings {
     EtcdSettings {
         endpoints: endpoints
             .into_iter()

@@ -307,15 +307,24 @@ pub fn operator_files(layout: &Layout, inv: &Inventory) -> Result<()> {
     );
     write(&layout.path("ctl.yml"), &yaml(&header, &ctl)?, 0o644, None)?;
 
+    // Patroni 3.0.2 reaches etcd through its JSON gateway, which cannot take a certificate's
+    // name as the user and, with authentication on, refuses a certificate that has one: a
+    // certificate without a common name for TLS, and the read-only password user.
+    let gateway = certs::etcd_gateway(layout);
+    let mut patronictl_etcd = etcd_section(inv, &ca, &gateway);
+    patronictl_etcd["username"] = json!(super::etcd_access::patronictl_user(inv));
+    patronictl_etcd["password"] = json!(secret(&super::etcd_access::patronictl_password_file(
+        layout
+    ))?);
     let patronictl = json!({
         "scope": inv.cluster,
         "namespace": inv.namespace,
-        "etcd3": etcd,
+        "etcd3": patronictl_etcd,
         "ctl": {"cacert": s(&ca), "certfile": s(&op_rest.cert), "keyfile": s(&op_rest.key)},
         "restapi": {"authentication": {"username": REST_USER, "password": rest_pw}},
     });
     let header = format!(
-        "# patronictl -c {} list   (holds the REST API password: keep it 0600)\n",
+        "# patronictl -c {} list   (holds the REST API and etcd passwords: keep it 0600)\n",
         s(&layout.path("patronictl.yml"))
     );
     write(
@@ -361,6 +370,14 @@ pub fn operator_files(layout: &Layout, inv: &Inventory) -> Result<()> {
             "endpoints": inv.etcd_endpoints().iter().map(|e| format!("https://{e}")).collect::<Vec<_>>(),
             "cert": s(&op_etcd.cert),
             "key": s(&op_etcd.key),
+            "root_cert": s(&certs::etcd_root(layout).cert),
+            "root_key": s(&certs::etcd_root(layout).key),
+            "patronictl": {
+                "username": super::etcd_access::patronictl_user(inv),
+                "password_file": s(&super::etcd_access::patronictl_password_file(layout)),
+                "cert": s(&gateway.cert),
+                "key": s(&gateway.key),
+            },
         },
         "ca": s(&ca),
         "operator": {"cert": s(&op_rest.cert), "key": s(&op_rest.key)},

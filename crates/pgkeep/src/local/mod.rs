@@ -8,10 +8,13 @@
 //! D/                      0755 root
 //!   inventory.yml         the hosts of the environment (crate::inventory)
 //!   ctl.yml               `pgkeep ctl -c D/ctl.yml ...`
-//!   patronictl.yml        0600, `patronictl -c D/patronictl.yml ...` (inline REST password)
+//!   patronictl.yml        0600, `patronictl -c D/patronictl.yml ...` (inline REST API and
+//!                         etcd passwords)
 //!   cluster.json          members, endpoints, certificates and libpq strings for scripts
-//!   pki/                  ca.crt, ca.key (0600) and the operator's client certificates
-//!   secrets/              0700 root: REST API password, app/admin passwords, pgpass
+//!   pki/                  ca.crt, ca.key (0600), the operator's client certificates, etcd's
+//!                         root certificate (etcd-root-admin) and patronictl's (etcd-gateway-*)
+//!   secrets/              0700 root: REST API password, app/admin passwords, pgpass, the
+//!                         etcd password of patronictl (etcd-patronictl.pw)
 //!   logs/                 <etcd member>.log, <node>-agent.log, haproxy.log
 //!   run/                  <member>.pid files; run/<node>/ is the node's Unix socket directory;
 //!                         run/haproxy/ (0700 haproxy) HAProxy's stats socket and state file
@@ -27,6 +30,7 @@
 pub mod certs;
 pub mod down;
 pub mod etcd;
+pub mod etcd_access;
 pub mod files;
 pub mod haproxy;
 pub mod health;
@@ -47,7 +51,7 @@ pub const NET_OCTET: u8 = 42;
 /// PostgreSQL binaries (Debian layout).
 pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 /// The etcd server binary.
-pub const ETCD_BIN: &str = "/usr/bin/etcd";
+pub use crate::etcdconf::ETCD_BIN;
 /// REST API user name of every agent and of the operator.
 pub const REST_USER: &str = "pgkeep";
 /// Name of the operator's certificates (`operator-<name>`, `pgkeep-<name>` on etcd).

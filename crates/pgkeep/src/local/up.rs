@@ -18,7 +18,8 @@ use anyhow::{Context, Result, bail};
 use super::health::{self, Healthy};
 use super::spawn::{self, Identity, Spec};
 use super::{
-    BOOTSTRAP_MARKER, Layout, ServiceUser, address, certs, etcd, files, haproxy, hosts, s,
+    BOOTSTRAP_MARKER, Layout, ServiceUser, address, certs, etcd, etcd_access, files, haproxy,
+    hosts, s,
 };
 use crate::inventory::{BackupHost, DbHost, EtcdHost, Inventory, LoadBalancer, OrganisationCa};
 
@@ -89,9 +90,9 @@ pub fn up(opts: &UpOptions) -> Result<()> {
     println!("pgkeep up: {}", layout.dir.display());
     let with_haproxy = opts.agents && opts.haproxy;
     let total = match (opts.agents, with_haproxy) {
-        (false, _) => 5,
-        (true, false) => 8,
-        (true, true) => 9,
+        (false, _) => 6,
+        (true, false) => 9,
+        (true, true) => 10,
     };
     let mut steps = Steps::new(total);
 
@@ -150,6 +151,11 @@ pub fn up(opts: &UpOptions) -> Result<()> {
             ensure_running(&etcd::spec(&layout, &inv, m, &etcd_user))?;
         }
         rt.block_on(etcd::wait_healthy(&layout, &inv, Duration::from_secs(30)))
+    })?;
+    steps.run("etcd users, roles and authentication", || {
+        let report = rt.block_on(etcd_access::ensure(&layout, &inv))?;
+        etcd_access::print_report(&report);
+        Ok(())
     })?;
     if !opts.agents {
         println!("etcd is healthy; no agents were started (--no-agents).");

@@ -268,7 +268,15 @@ impl Ca {
     }
 
     fn issue_at(&self, req: &CertRequest, now: OffsetDateTime) -> Result<Issued, PkiError> {
-        check_common_name(&req.common_name)?;
+        if req.common_name.is_empty() {
+            if req.usage != Usage::Client {
+                return Err(PkiError::InvalidRequest(
+                    "only a client-only certificate may have no common name".to_owned(),
+                ));
+            }
+        } else {
+            check_common_name(&req.common_name)?;
+        }
         check_days(req.validity_days)?;
         let sans = subject_alt_names(req)?;
         if req.usage.is_server() && sans.is_empty() {
@@ -345,9 +353,20 @@ fn now_utc() -> OffsetDateTime {
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
+/// `CN=<cn>`; for an empty `cn` (a client certificate that must name no user, see
+/// [`super::Service::EtcdGateway`]) `O=pgkeep, OU=password-authenticated client` instead, so the
+/// subject is not empty.
 fn common_name_dn(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, cn);
+    if cn.is_empty() {
+        dn.push(DnType::OrganizationName, "pgkeep");
+        dn.push(
+            DnType::OrganizationalUnitName,
+            "password-authenticated client",
+        );
+    } else {
+        dn.push(DnType::CommonName, cn);
+    }
     dn
 }
 
@@ -507,6 +526,23 @@ mod tests {
         assert!(matches!(ca.issue(&r), Err(PkiError::InvalidRequest(_))));
         r.usage = Usage::Client;
         ca.issue(&r).unwrap();
+    }
+
+    #[test]
+    fn only_client_certificates_may_lack_a_common_name() {
+        let ca = Ca::create("CA", 10).unwrap();
+        let mut r = req(Usage::Client);
+        r.common_name.clear();
+        r.dns_names.clear();
+        r.ip_addresses.clear();
+        let issued = ca.issue(&r).unwrap();
+        let info = super::super::inspect_pem(issued.cert_pem.as_bytes(), Path::new("x"), now_utc())
+            .unwrap();
+        assert_eq!(info.subject_cn, "");
+        assert!(info.subject.contains("O=pgkeep"), "{}", info.subject);
+        let mut s = req(Usage::ServerAndClient);
+        s.common_name.clear();
+        assert!(matches!(ca.issue(&s), Err(PkiError::InvalidRequest(_))));
     }
 
     #[test]

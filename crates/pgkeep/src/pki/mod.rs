@@ -42,6 +42,8 @@
 //! | `postgres` | server | first host name (else first address) | required | `postgres-<name>` |
 //! | `etcd-server` | server + client | `etcd-server-<name>` | required | `etcd-server-<name>` |
 //! | `etcd-client` | client | `pgkeep-<name>` | none | `etcd-client-<name>` |
+//! | `etcd-root` | client | `root` | none | `etcd-root-<name>` |
+//! | `etcd-gateway` | client | none (`O=pgkeep, OU=password-authenticated client`) | none | `etcd-gateway-<name>` |
 //! | `restapi` | server | `restapi-<name>` | required | `restapi-<name>` |
 //! | `restapi-client` | client | `restapi-client-<name>` | none | `restapi-client-<name>` |
 //! | `pgbackrest` | server | `pgbackrest-<name>` | required | `pgbackrest-<name>` |
@@ -58,6 +60,16 @@
 //!   peer TLS. Their common name `etcd-server-<name>` is not the name of any etcd user, so with
 //!   `--client-cert-auth` the certificate grants no etcd permissions if presented as a client.
 //! - An agent's etcd identity is `pgkeep-<name>`: the etcd user that holds the cluster's keys.
+//!   etcd user names belong to the etcd profiles alone: `root` (`etcd-root`, etcd's
+//!   administrator, used only to manage users and roles), `pgkeep-*` (`etcd-client`) and
+//!   password users, whose names contain `@` ([`is_etcd_identity`]). No other profile can carry
+//!   such a common name: theirs start with their service name, and a `postgres` host name or a
+//!   `replication`/`rewind` role that is an etcd user name is refused. So a certificate issued
+//!   for another purpose by the same CA is never an etcd identity.
+//! - `etcd-gateway` certificates have no common name. etcd's JSON gateway (which `patronictl`
+//!   uses) cannot authenticate by certificate and, once authentication is on, refuses any client
+//!   certificate that has a common name; such a client presents this one for TLS and logs in
+//!   with a password user. Over gRPC the certificate is no etcd user and may do nothing.
 //! - `replication` and `rewind` certificates are for PostgreSQL `cert` authentication, where the
 //!   common name must equal the role; `--role` overrides the default role name. The role
 //!   `postgres` is refused: superuser access is by peer authentication over the Unix socket only.
@@ -81,7 +93,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 pub use ca::Ca;
 pub use inspect::{CertInfo, inspect, inspect_der, inspect_pem};
-pub use service::{Service, ServiceCert};
+pub use service::{ETCD_CLIENT_CN_PREFIX, ETCD_ROOT_CN, Service, ServiceCert, is_etcd_identity};
 
 /// Default validity of a CA created by pgkeep, in days (about ten years).
 pub const DEFAULT_CA_DAYS: u32 = 3650;
@@ -241,7 +253,8 @@ impl std::fmt::Display for Usage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertRequest {
     /// Subject common name (1 to 64 characters). For client certificates this is the identity
-    /// peers map to a user or role.
+    /// peers map to a user or role. Empty only for a client-only certificate that must name no
+    /// one (its subject is then `O=pgkeep, OU=password-authenticated client`).
     pub common_name: String,
     /// Server, client or both.
     pub usage: Usage,

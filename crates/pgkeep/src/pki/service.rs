@@ -12,6 +12,21 @@ const MAX_NAME_LEN: usize = 40;
 /// Longest PostgreSQL role name (NAMEDATALEN - 1).
 const MAX_ROLE_LEN: usize = 63;
 
+/// The common name of the `etcd-root` profile: etcd's `root` user.
+pub const ETCD_ROOT_CN: &str = "root";
+/// What every `etcd-client` common name starts with (`pgkeep-<name>`).
+pub const ETCD_CLIENT_CN_PREFIX: &str = "pgkeep-";
+
+/// True when `cn` is, or could be, the name of an etcd user of a pgkeep cluster: `root`, a
+/// certificate user `pgkeep-*`, or a password user (`*@*`, e.g. `patronictl@demo`). With
+/// `--client-cert-auth` etcd takes a client certificate's common name as its user name, so only
+/// the `etcd-client` and `etcd-root` profiles may produce such a name; every other profile
+/// either has its own prefix or refuses it (compared without regard to case).
+pub fn is_etcd_identity(cn: &str) -> bool {
+    let lower = cn.to_ascii_lowercase();
+    lower == ETCD_ROOT_CN || lower.starts_with(ETCD_CLIENT_CN_PREFIX) || lower.contains('@')
+}
+
 /// A component of the cluster that gets its own certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Service {
@@ -21,6 +36,12 @@ pub enum Service {
     EtcdServer,
     /// An agent's client identity on etcd (etcd user `pgkeep-<name>`).
     EtcdClient,
+    /// etcd's `root` user (CN `root`): user and role management by `pgkeep up` and
+    /// `pgkeep etcd grant` only.
+    EtcdRoot,
+    /// The TLS identity of a client of etcd's JSON gateway (`patronictl`): no common name, so it
+    /// is no etcd user; the client authenticates with a user name and password.
+    EtcdGateway,
     /// An agent's REST API server certificate.
     RestApi,
     /// A client of agents' REST APIs (another agent, a tool).
@@ -41,10 +62,12 @@ pub enum Service {
 
 impl Service {
     /// Every service, in documentation order.
-    pub const ALL: [Service; 11] = [
+    pub const ALL: [Service; 13] = [
         Service::Postgres,
         Service::EtcdServer,
         Service::EtcdClient,
+        Service::EtcdRoot,
+        Service::EtcdGateway,
         Service::RestApi,
         Service::RestApiClient,
         Service::PgBackRest,
@@ -61,6 +84,8 @@ impl Service {
             Service::Postgres => "postgres",
             Service::EtcdServer => "etcd-server",
             Service::EtcdClient => "etcd-client",
+            Service::EtcdRoot => "etcd-root",
+            Service::EtcdGateway => "etcd-gateway",
             Service::RestApi => "restapi",
             Service::RestApiClient => "restapi-client",
             Service::PgBackRest => "pgbackrest",
@@ -78,6 +103,8 @@ impl Service {
             Service::Postgres | Service::RestApi | Service::PgBackRest => Usage::Server,
             Service::EtcdServer => Usage::ServerAndClient,
             Service::EtcdClient
+            | Service::EtcdRoot
+            | Service::EtcdGateway
             | Service::RestApiClient
             | Service::PgBackRestClient
             | Service::HaProxy
@@ -102,6 +129,10 @@ impl Service {
             Service::Postgres => "PostgreSQL server (ssl_cert_file)",
             Service::EtcdServer => "etcd member, client and peer TLS (serverAuth + clientAuth)",
             Service::EtcdClient => "agent's client identity on etcd",
+            Service::EtcdRoot => "etcd's root user (user and role management only; CN root)",
+            Service::EtcdGateway => {
+                "TLS identity of a password client of etcd's JSON gateway (no CN: no etcd user)"
+            }
             Service::RestApi => "agent's REST API server",
             Service::RestApiClient => "client of the agents' REST APIs",
             Service::PgBackRest => "pgBackRest TLS server",
@@ -167,13 +198,26 @@ impl ServiceCert {
             )));
         }
         Ok(match self.service {
-            Service::Postgres => match (self.dns_names.first(), self.ip_addresses.first()) {
-                (Some(host), _) => host.clone(),
-                (None, Some(ip)) => ip.to_string(),
-                (None, None) => return Err(missing_host(self.service)),
-            },
+            Service::Postgres => {
+                let cn = match (self.dns_names.first(), self.ip_addresses.first()) {
+                    (Some(host), _) => host.clone(),
+                    (None, Some(ip)) => ip.to_string(),
+                    (None, None) => return Err(missing_host(self.service)),
+                };
+                if is_etcd_identity(&cn) {
+                    return Err(PkiError::InvalidRequest(format!(
+                        "the common name of a postgres certificate is its first host name, and \
+                         {cn:?} is an etcd user name (root, pgkeep-*, *@*); give another host name first"
+                    )));
+                }
+                cn
+            }
             Service::EtcdServer => format!("etcd-server-{name}"),
-            Service::EtcdClient => format!("pgkeep-{name}"),
+            Service::EtcdClient => format!("{ETCD_CLIENT_CN_PREFIX}{name}"),
+            Service::EtcdRoot => ETCD_ROOT_CN.to_owned(),
+            // No common name: the etcd gateway refuses a client certificate that has one once
+            // authentication is on, and without one the certificate is no etcd user.
+            Service::EtcdGateway => String::new(),
             Service::RestApi => format!("restapi-{name}"),
             Service::RestApiClient => format!("restapi-client-{name}"),
             Service::PgBackRest => format!("pgbackrest-{name}"),
@@ -255,6 +299,11 @@ fn check_role(role: &str) -> Result<(), PkiError> {
     if !ok {
         return Err(PkiError::InvalidRequest(format!(
             "role {role:?} must be 1 to {MAX_ROLE_LEN} letters, digits, '_' or '-'"
+        )));
+    }
+    if is_etcd_identity(role) {
+        return Err(PkiError::InvalidRequest(format!(
+            "role {role:?} is an etcd user name (root, pgkeep-*): a PostgreSQL role certificate must not double as an etcd identity"
         )));
     }
     if role == "postgres" {
@@ -341,6 +390,47 @@ mod tests {
         let mut e = cert(Service::EtcdClient);
         e.role = Some("repl".to_owned());
         assert!(e.common_name().is_err());
+    }
+
+    #[test]
+    fn only_the_etcd_profiles_name_an_etcd_user() {
+        let cn = |svc| cert(svc).common_name().unwrap();
+        assert_eq!(cn(Service::EtcdRoot), "root");
+        assert!(is_etcd_identity(&cn(Service::EtcdClient)));
+        assert_eq!(cn(Service::EtcdGateway), "", "no common name at all");
+        assert_eq!(
+            cert(Service::EtcdGateway).request().unwrap().usage,
+            Usage::Client
+        );
+        // Whatever name, host or role is asked for, no other profile yields an etcd user name.
+        let tricky = [
+            "root",
+            "pgkeep-node1",
+            "pgkeep-operator",
+            "ROOT",
+            "Pgkeep-x",
+        ];
+        for svc in Service::ALL {
+            if matches!(svc, Service::EtcdClient | Service::EtcdRoot) {
+                continue;
+            }
+            for t in tricky {
+                let mut c = cert(svc);
+                c.name = t.to_owned();
+                if svc.usage().is_server() {
+                    c.dns_names = vec![t.to_ascii_lowercase(), "n1.example".to_owned()];
+                }
+                if svc.default_role().is_some() {
+                    c.role = Some(t.to_owned());
+                }
+                if let Ok(name) = c.common_name() {
+                    assert!(!is_etcd_identity(&name), "{svc} with {t:?}: CN {name:?}");
+                }
+            }
+        }
+        assert!(is_etcd_identity("patronictl@demo"));
+        assert!(!is_etcd_identity("etcd-server-etcd1"));
+        assert!(!is_etcd_identity("node1.demo.internal"));
     }
 
     #[test]

@@ -179,7 +179,9 @@ fn local_up_without_agents_prepares_everything_and_down_purge_removes_it() -> Re
     let sc = Scenario::new("files");
     let out = sc.up(&["--no-agents"])?;
     ensure!(
-        out.contains("[1/5]") && out.contains("etcd members"),
+        out.contains("[1/6]")
+            && out.contains("etcd members")
+            && out.contains("enabled authentication"),
         "no progress lines: {out}"
     );
 
@@ -400,6 +402,27 @@ fn local_up_brings_a_healthy_cluster_and_down_up_keeps_it() -> Result<()> {
         pctl.status.success() && text.contains("node1") && text.contains("Leader"),
         "patronictl: {text} {}",
         String::from_utf8_lossy(&pctl.stderr)
+    );
+    // Its etcd user reads (show-config) and cannot write (edit-config writes etcd directly).
+    let patronictl = |args: &[&str]| {
+        std::process::Command::new("patronictl")
+            .args(["-c", sc.dir.join("patronictl.yml").to_str().unwrap()])
+            .args(args)
+            .output()
+    };
+    let show = patronictl(&["show-config"])?;
+    ensure!(
+        show.status.success() && String::from_utf8_lossy(&show.stdout).contains("loop_wait"),
+        "patronictl show-config: {}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let edit = patronictl(&["edit-config", "--force", "-s", "loop_wait=3"])?;
+    let config = ok(&["ctl", "--dir", sc.d(), "show-config"])?;
+    ensure!(
+        !edit.status.success() && config.contains("loop_wait: 2"),
+        "patronictl edit-config as the read-only user: {} {}\n{config}",
+        String::from_utf8_lossy(&edit.stdout),
+        String::from_utf8_lossy(&edit.stderr)
     );
 
     // A second up starts no second agent.

@@ -6,6 +6,7 @@ mod callbacks;
 mod clients;
 mod config;
 mod dcs;
+mod etcd_rbac;
 mod faults;
 mod haproxy;
 mod harness;
