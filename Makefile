@@ -9,9 +9,11 @@ DIR ?= /var/lib/pgkeep-demo
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-# Debian packages pgkeep's build, tests and local cluster need. nginx is for benchmarks only.
+# Debian packages pgkeep's build, tests and local cluster need (slapd: the LDAP test). nginx is for
+# benchmarks only.
 PACKAGES := postgresql-15 postgresql-15-pgaudit etcd-server etcd-client pgbackrest haproxy \
-            protobuf-compiler libprotobuf-dev patroni apache2-utils nftables gcc libc6-dev
+            protobuf-compiler libprotobuf-dev patroni apache2-utils nftables gcc libc6-dev \
+            slapd ldap-utils
 
 .PHONY: deps build up down test test-fast lint sim
 

@@ -49,6 +49,7 @@ mod paths;
 mod postgres;
 mod proc;
 mod service;
+mod slapd;
 mod sweep;
 
 pub use agents::{API_USER, Agent, AgentCluster, DcsOptions};
@@ -60,6 +61,7 @@ pub use haproxy::Haproxy;
 pub use netns::NetBed;
 pub use postgres::PgInstance;
 pub use service::{CommandOutput, Service};
+pub use slapd::{LDAP_PEOPLE, LDAP_SUFFIX, Slapd};
 pub use sweep::{SweepReport, sweep};
 
 pub use paths::{checkout_id, test_base_dir};

@@ -430,7 +430,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .unwrap_or(Path::new("/"))
         .to_owned();
     let instance = Instance {
-        runner: Runner::new(cfg.postgresql.bin_dir.clone(), RunAs::Current, home),
+        runner: Runner::new(cfg.postgresql.bin_dir.clone(), RunAs::Current, home)
+            .with_ldap_ca_file(cfg.postgresql.ldap_ca_file.clone()),
         data_dir: cfg.postgresql.data_dir.clone(),
         config_dir: cfg.postgresql.config_dir.clone(),
         log_file: cfg.postgresql.config_dir.join("postgresql.log"),

@@ -10,9 +10,12 @@
 
 mod callbacks;
 mod effective;
+mod hba;
 mod raw;
 mod resolve;
 mod schema;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -234,6 +237,9 @@ pub struct Postgresql {
     pub use_pg_rewind: bool,
     /// Seconds to wait for pg_ctl-like operations.
     pub pg_ctl_timeout: u64,
+    /// The CA certificates the postmaster's libldap trusts for `ldap` authentication over TLS
+    /// (`LDAPTLS_CACERT`): `postgresql.ldap_ca_file`, by default `ssl_ca_file`.
+    pub ldap_ca_file: Option<PathBuf>,
 }
 
 /// The roles pgkeep uses.
@@ -322,7 +328,8 @@ pub struct Insecure {
     pub plaintext_restapi: bool,
     /// Talk to etcd without TLS.
     pub plaintext_etcd: bool,
-    /// Allow `trust`, `password`, `md5` and non-SSL `host` lines in pg_hba.
+    /// Allow `trust`, `password`, `md5`, non-SSL `host` lines, and `ldap` without TLS to the
+    /// LDAP server in pg_hba.
     pub weak_pg_hba: bool,
 }
 

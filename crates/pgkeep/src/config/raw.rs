@@ -199,6 +199,8 @@ pub(super) struct RawPostgresql {
     #[serde(default)]
     pub(super) pg_ctl_timeout: Option<u64>,
     #[serde(default)]
+    pub(super) ldap_ca_file: Option<PathBuf>,
+    #[serde(default)]
     pub(super) callbacks: Option<Map<String, Value>>,
     #[serde(default)]
     pub(super) pre_promote: Option<Value>,

@@ -327,9 +327,24 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         }
     }
     for (i, line) in p.pg_hba.iter().enumerate() {
-        check_hba_line(line, insecure.weak_pg_hba)
-            .map_err(|r| err(&format!("postgresql.pg_hba[{i}]"), r))?;
+        let key = format!("postgresql.pg_hba[{i}]");
+        super::hba::check_line(line, insecure.weak_pg_hba).map_err(|r| err(&key, r))?;
+        if super::hba::has_secret(line) {
+            inline_secret_keys.push(key);
+        }
     }
+    let ldap_ca_file = match p.ldap_ca_file {
+        Some(f) => {
+            check_ca_file(&f).map_err(|r| err("postgresql.ldap_ca_file", r))?;
+            Some(f)
+        }
+        // The CA PostgreSQL already trusts (relative paths are PostgreSQL's: from the data
+        // directory).
+        None => GucName::parse("ssl_ca_file")
+            .ok()
+            .and_then(|n| parameters.get(&n))
+            .map(|v| p.data_dir.join(v.as_str())),
+    };
     let callbacks = super::callbacks::resolve(
         file,
         p.callbacks,
@@ -351,6 +366,7 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         pg_ident: p.pg_ident,
         use_pg_rewind: p.use_pg_rewind.unwrap_or(true),
         pg_ctl_timeout: p.pg_ctl_timeout.unwrap_or(60),
+        ldap_ca_file,
     };
 
     let raw_tags = raw.tags.unwrap_or_default();
@@ -652,99 +668,25 @@ fn initdb_option(v: &Value) -> Result<String, String> {
     })
 }
 
-/// Splits a pg_hba line into tokens the way PostgreSQL does: whitespace separates, double
-/// quotes group (and are removed), `#` outside quotes starts a comment.
-fn hba_tokens(line: &str) -> Result<Vec<String>, String> {
-    let mut tokens = Vec::new();
-    let mut cur = String::new();
-    let (mut quoted, mut in_token) = (false, false);
-    for c in line.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                in_token = true;
-            }
-            '#' if !quoted => break,
-            c if c.is_whitespace() && !quoted => {
-                if in_token {
-                    tokens.push(std::mem::take(&mut cur));
-                    in_token = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                in_token = true;
-            }
-        }
+/// `postgresql.ldap_ca_file`: an absolute path to a readable file holding PEM certificates.
+fn check_ca_file(path: &Path) -> Result<(), String> {
+    if !path.is_absolute() {
+        return Err(format!("{} must be an absolute path", path.display()));
     }
-    if quoted {
-        return Err("has an unterminated quote".into());
-    }
-    if in_token {
-        tokens.push(cur);
-    }
-    Ok(tokens)
-}
-
-/// Checks one extra pg_hba line. Only strong methods are allowed (an allowlist, so new or
-/// oddly written methods cannot slip through), and only TLS connection types for TCP.
-fn check_hba_line(line: &str, weak_allowed: bool) -> Result<(), String> {
-    if line.chars().any(|c| c.is_control() && c != '\t') {
-        return Err("contains a control character".into());
-    }
-    let tokens = hba_tokens(line)?;
-    let Some(kind) = tokens.first().map(|t| t.to_ascii_lowercase()) else {
-        return Ok(());
-    };
-    if kind.starts_with("include") {
-        return Err("include directives are not allowed".into());
-    }
-    let mut rest = tokens.iter().skip(3);
-    let method = match kind.as_str() {
-        "local" => tokens.get(3),
-        "host" | "hostssl" | "hostnossl" | "hostgssenc" | "hostnogssenc" => {
-            let address = rest.next().ok_or("has no address field")?;
-            let keyword = matches!(address.as_str(), "all" | "samehost" | "samenet");
-            let next = rest.next();
-            // `address netmask` form: the field after an address without a prefix length.
-            match next {
-                Some(n)
-                    if !keyword
-                        && !address.contains('/')
-                        && n.parse::<std::net::IpAddr>().is_ok() =>
-                {
-                    rest.next()
-                }
-                other => other,
-            }
-        }
-        _ => return Err(format!("{kind:?} is not a pg_hba connection type")),
-    }
-    .ok_or("has no authentication method")?
-    .to_ascii_lowercase();
-    let strong = match kind.as_str() {
-        "local" => matches!(
-            method.as_str(),
-            "peer" | "scram-sha-256" | "reject" | "cert"
-        ),
-        _ => matches!(
-            method.as_str(),
-            "scram-sha-256" | "cert" | "reject" | "gss" | "ldap" | "radius" | "pam"
-        ),
-    };
-    let plaintext = matches!(
-        kind.as_str(),
-        "host" | "hostnossl" | "hostgssenc" | "hostnogssenc"
-    ) && method != "reject";
-    if (!strong || plaintext) && !weak_allowed {
+    let text = std::fs::read(path).map_err(|e| {
+        format!(
+            "{}: {e}; it must be a file this user can read, holding the PEM certificate of the CA \
+             that issued the LDAP server's certificate",
+            path.display()
+        )
+    })?;
+    if !text
+        .windows(27)
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
         return Err(format!(
-            "{:?} allows {}; use hostssl with scram-sha-256 or cert (or set pgkeep.insecure.weak_pg_hba)",
-            line.trim(),
-            if !strong {
-                format!("the weak method {method}")
-            } else {
-                "connections without TLS".into()
-            }
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
         ));
     }
     Ok(())

@@ -130,6 +130,7 @@ pub(super) const ROOT: &[Entry] = &[
             free("parameters"),
             leaf("pg_hba"),
             leaf("pg_ident"),
+            leaf("ldap_ca_file"),
             leaf("use_pg_rewind"),
             leaf("pg_ctl_timeout"),
             section(

@@ -196,7 +196,7 @@ impl Instance {
         log.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io_err(&self.log_file))?;
         let log2 = log.try_clone().map_err(io_err(&self.log_file))?;
-        let mut cmd = self.runner.command("postgres");
+        let mut cmd = self.runner.server_command("postgres");
         cmd.arg("-D")
             .arg(&self.config_dir)
             .stdout(Stdio::from(log))

@@ -61,6 +61,8 @@ pub struct Runner {
     bin_dir: Option<PathBuf>,
     run_as: RunAs,
     home: PathBuf,
+    /// Set for the postmaster only (see [`Runner::server_command`]).
+    server_env: Vec<(&'static str, OsString)>,
 }
 
 /// What a successful run printed.
@@ -80,7 +82,24 @@ impl Runner {
             bin_dir,
             run_as,
             home,
+            server_env: Vec::new(),
         }
+    }
+
+    /// The CA file the server's LDAP client trusts: pg_hba `ldap` authentication over TLS
+    /// (`ldapscheme=ldaps`, `ldaptls=1`) verifies the LDAP server's certificate against it, and
+    /// against nothing else (`LDAPTLS_CACERT` overrides `/etc/ldap/ldap.conf`; libldap reads it
+    /// in each backend, so a renewed file is used without a restart). `LDAPTLS_REQCERT=demand`
+    /// refuses a server whose certificate does not verify or does not name it, whatever
+    /// `ldap.conf` says.
+    pub fn with_ldap_ca_file(mut self, ca: Option<PathBuf>) -> Runner {
+        self.server_env.retain(|(k, _)| !k.starts_with("LDAPTLS_"));
+        if let Some(ca) = ca {
+            self.server_env
+                .push(("LDAPTLS_CACERT", ca.into_os_string()));
+            self.server_env.push(("LDAPTLS_REQCERT", "demand".into()));
+        }
+        self
     }
 
     /// The full path of a PostgreSQL program.
@@ -104,6 +123,18 @@ impl Runner {
             .stdin(Stdio::null());
         if let RunAs::User { uid, gid } = self.run_as {
             cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// [`Runner::command`] plus the server's own environment (the LDAP client's trust, see
+    /// [`Runner::with_ldap_ca_file`]): for the postmaster, the one program that authenticates
+    /// clients. Other tools (initdb, pg_basebackup, pg_rewind, single-user recovery) accept no
+    /// connections and do without it.
+    pub fn server_command(&self, name: &str) -> Command {
+        let mut cmd = self.command(name);
+        for (k, v) in &self.server_env {
+            cmd.env(k, v);
         }
         cmd
     }
@@ -195,6 +226,40 @@ mod tests {
             err.to_string().contains("boom") && err.to_string().contains("exit status: 3"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn only_the_server_command_gets_the_ldap_trust() {
+        let r = runner().with_ldap_ca_file(Some("/etc/pgkeep/ca.crt".into()));
+        let script = "echo ${LDAPTLS_CACERT:-none} ${LDAPTLS_REQCERT:-none}";
+        let out = r
+            .server_command("sh")
+            .args(["-c", script])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "/etc/pgkeep/ca.crt demand\n"
+        );
+        let out = r
+            .run(
+                "sh",
+                &["-c".into(), script.into()],
+                &[],
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, "none none\n");
+        let cleared = r.with_ldap_ca_file(None);
+        let out = cleared
+            .server_command("sh")
+            .args(["-c", script])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "none none\n");
     }
 
     #[tokio::test]

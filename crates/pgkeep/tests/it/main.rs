@@ -10,6 +10,7 @@ mod etcd_rbac;
 mod faults;
 mod haproxy;
 mod harness;
+mod ldap;
 mod local;
 mod metrics;
 mod netbed;
