@@ -49,12 +49,15 @@ sim: deps
 #   make bench TRIALS=1             quick run (a few minutes)
 #   make bench TIMINGS=aggressive,default SCENARIOS=failover BENCH_ARGS='--kill-phase-ms 500'
 #   make bench SYNC=1               the same with synchronous_mode: true for both products
+#   make bench HAPROXY=1            failover and switchover with the writer going through HAProxy
+#                                   (one per product, the same configuration for both)
 #   make bench SCENARIOS=rest       REST API (ab, next to nginx) + idle memory/CPU, release build
 #   make bench PROFILE=release      pgkeep's release build (default: debug, or release with rest)
 TRIALS ?= 10
 SCENARIOS ?= failover,switchover
 TIMINGS ?= aggressive
 SYNC ?=
+HAPROXY ?=
 PROFILE ?= $(if $(findstring rest,$(SCENARIOS)),release,debug)
 BENCH_ARGS ?=
 .PHONY: bench
@@ -64,4 +67,4 @@ bench: deps
 	$(CARGO) build --locked --release -p pgkeep-bench
 	target/release/pgkeep-bench --pgkeep-bin target/$(PROFILE)/pgkeep --trials $(TRIALS) \
 		--scenarios $(SCENARIOS) --timings $(TIMINGS) $(if $(filter 1 yes true,$(SYNC)),--sync) \
-		$(BENCH_ARGS)
+		$(if $(filter 1 yes true,$(HAPROXY)),--via-haproxy) $(BENCH_ARGS)

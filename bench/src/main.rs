@@ -15,11 +15,13 @@ use clap::Parser;
 use pgkeep_bench::client::WriterSettings;
 use pgkeep_bench::cluster::{Cluster, Timings};
 use pgkeep_bench::floor::Floor;
+use pgkeep_bench::front::{self, Front};
+use pgkeep_bench::loops::{self, Fronts};
 use pgkeep_bench::nginx::Nginx;
-use pgkeep_bench::report::{FailoverSet, Report, SwitchSet};
+use pgkeep_bench::report::{FailoverSet, Report};
 use pgkeep_bench::scenario_rest::{self, RestArgs};
 use pgkeep_bench::sys::{self, Cgroups, Cmd, User, now};
-use pgkeep_bench::trials::{self, Settings, Switch};
+use pgkeep_bench::trials::Settings;
 use pgkeep_bench::{patroni, pgkeep};
 
 /// Compare pgkeep and Patroni: failover (host loss) and switchover, side by side.
@@ -50,6 +52,11 @@ struct Args {
     /// meanwhile, synchronous replication must lose none. 0 = no stall.
     #[arg(long, default_value_t = 0)]
     stall_ms: u64,
+    /// The failover and switchover writers go through HAProxy: one per product, the same
+    /// configuration for both (pgkeep's write backend and check settings), write ports
+    /// --port-base + 201 (pgkeep) and + 202 (Patroni). The floor is not run.
+    #[arg(long)]
+    via_haproxy: bool,
     /// The writer's period (one INSERT per tick).
     #[arg(long, default_value_t = 10)]
     interval_ms: u64,
@@ -65,8 +72,9 @@ struct Args {
     /// Where reports go (default: bench/out of the source tree).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Ports of the Patroni side, the floor and nginx: PostgreSQL base+433.., REST base+9..,
-    /// floor base+101.., nginx base+443; all on 127.0.0.1.
+    /// Ports of the Patroni side, the floor, HAProxy and nginx: PostgreSQL base+433.., REST
+    /// base+9.., floor base+101.., HAProxy write base+201 (pgkeep) and base+202 (Patroni),
+    /// nginx base+443; all on 127.0.0.1.
     #[arg(long, default_value_t = 17000)]
     port_base: u16,
     /// How long a node may take to rejoin before it is re-cloned (s).
@@ -86,6 +94,7 @@ struct Env {
     patroni: Option<Cluster>,
     floor: Option<Floor>,
     nginx: Option<Nginx>,
+    fronts: Vec<Front>,
     lock: Option<nix::fcntl::Flock<std::fs::File>>,
     cleaned: bool,
 }
@@ -99,6 +108,9 @@ impl Env {
         }
         self.cleaned = true;
         eprintln!("cleanup: stopping everything this run started");
+        for f in &mut self.fronts {
+            f.proxy.stop().await;
+        }
         if let Some(n) = self.nginx.as_mut() {
             n.stop().await;
         }
@@ -185,6 +197,7 @@ fn main() -> ExitCode {
         patroni: None,
         floor: None,
         nginx: None,
+        fronts: Vec::new(),
         lock: None,
         cleaned: false,
     };
@@ -227,16 +240,23 @@ fn main() -> ExitCode {
     }
 }
 
-/// Copies the agents', Patroni's, etcd's and the floor's logs next to the writer logs.
+/// Copies the agents', Patroni's, etcd's, the floor's, nginx's and HAProxy's logs (and
+/// HAProxy's configurations) next to the writer logs.
 fn save_logs(env: &Env, raw: &Path) {
     let dest = raw.join("logs");
-    let mut dirs: Vec<(PathBuf, &str)> = Vec::new();
+    let mut dirs: Vec<(PathBuf, String)> = Vec::new();
     if let Some(d) = &env.pgkeep_dir {
-        dirs.push((d.join("logs"), "pgkeep-"));
+        dirs.push((d.join("logs"), "pgkeep-".into()));
     }
-    dirs.push((env.work.join("patroni/log"), "patroni-"));
-    dirs.push((env.work.join("floor"), "floor-"));
-    dirs.push((env.work.join("nginx"), "nginx-"));
+    dirs.push((env.work.join("patroni/log"), "patroni-".into()));
+    dirs.push((env.work.join("floor"), "floor-".into()));
+    dirs.push((env.work.join("nginx"), "nginx-".into()));
+    for f in &env.fronts {
+        let label = f.proxy.label.to_lowercase();
+        dirs.push((f.proxy.dir.clone(), format!("{label}-")));
+        let _ = std::fs::create_dir_all(&dest);
+        let _ = std::fs::write(dest.join(format!("{label}-haproxy.cfg")), &f.proxy.config);
+    }
     for (dir, prefix) in dirs {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             continue;
@@ -327,6 +347,7 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
     let given_bin = env.bin.display().to_string();
     report.sync = a.sync;
     report.stall = (a.stall_ms > 0).then_some(a.stall_ms);
+    report.via_haproxy = a.via_haproxy;
     for s in &a.scenarios {
         if !["failover", "switchover", "rest"].contains(&s.as_str()) {
             bail!("unknown scenario {s:?} (failover, switchover, rest)");
@@ -334,6 +355,9 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
     }
     let has = |name: &str| a.scenarios.iter().any(|s| s == name);
     let (do_failover, do_switch, do_rest) = (has("failover"), has("switchover"), has("rest"));
+    if a.via_haproxy && !do_failover && !do_switch {
+        bail!("--via-haproxy applies to the failover and switchover scenarios; none is selected");
+    }
     let mut needed = vec![
         env.bin.as_path(),
         Path::new("/usr/bin/patroni"),
@@ -348,6 +372,9 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
         if a.rest.loads().is_empty() {
             bail!("rest: no load (--rest-concurrency and --rest-keepalive-concurrency are empty)");
         }
+    }
+    if a.via_haproxy {
+        needed.push(Path::new(front::BIN));
     }
     for p in needed {
         if !p.exists() {
@@ -396,6 +423,7 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
     )
     .await;
     let rows: Vec<(&str, String)> = vec![
+        ("command", format!("`{}`", std::env::args().collect::<Vec<_>>().join(" "))),
         ("machine", format!("{} vCPU, kernel {}, load average at start {}", std::thread::available_parallelism().map_or(0, |n| n.get()), one_line("uname", &["-r"]).await, loadavg())),
         ("pgkeep", format!("{} (checkout {git}), binary {}", pgkeep::version(&bin).await, env.bin.display())),
         ("Patroni", patroni::version().await),
@@ -413,8 +441,8 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
             ms => format!("the leader's WAL senders SIGSTOPped {ms} ms before the kill ({} ms after the keepalive): the replicas miss what the primary acknowledges meanwhile (asynchronous) or the primary acknowledges nothing (synchronous)", a.kill_phase_ms - ms),
         }),
         ("other dynamic settings", "maximum_lag_on_failover 1048576, use_pg_rewind, use_slots, no watchdog".into()),
-        ("health checks / HAProxy", "no HAProxy: the client connects to the members directly; the harness's health check is REST `GET /primary` (200 on exactly one member) plus the leader's `/patroni` listing the other two as streaming".into()),
-        ("client", format!("Rust tokio-postgres 0.7 + rustls: CA chain and host name verified (verify-full), SCRAM password, TLS ≥ 1.2; libpq-style multi-host list in member order with target_session_attrs=read-write; own connect deadline {} ms per attempt over all hosts; one autocommit INSERT every {} ms; after any error it reconnects at the next tick; commits are never cancelled (30 s safety limit, then outcome unknown)", a.connect_deadline_ms, a.interval_ms)),
+        ("health checks / HAProxy", if a.via_haproxy { "(HAProxy not started yet)".into() } else { "no HAProxy: the client connects to the members directly; the harness's health check is REST `GET /primary` (200 on exactly one member) plus the leader's `/patroni` listing the other two as streaming".into() }),
+        ("client", format!("Rust tokio-postgres 0.7 + rustls: CA chain and host name verified (verify-full), SCRAM password, TLS ≥ 1.2; {} with target_session_attrs=read-write; own connect deadline {} ms per attempt over all hosts; one autocommit INSERT every {} ms; after any error it reconnects at the next tick; commits are never cancelled (30 s safety limit, then outcome unknown)", if a.via_haproxy { "one host, the product's HAProxy write port," } else { "libpq-style multi-host list in member order" }, a.connect_deadline_ms, a.interval_ms)),
         ("failover method", format!("the leader's host = its cgroup (agent + postmaster + all backends + helpers) killed at once with cgroup.kill, {} ms after a keepalive of the leader lease was seen (LeaseTimeToLive polled every 10 ms: the remaining TTL rises); expiry and new leader key from a watch on the leader key; the killed node restarted afterwards and the next trial starts on a healthy cluster (3 members streaming)", a.kill_phase_ms)),
         ("switchover method", "REST `POST /switchover` {\"leader\",\"candidate\"} with basic auth to the leader (pgkeep also presents the operator client certificate); write gap = last ack by the old primary → first ack by the candidate".into()),
         ("trials", format!("{} per product and scenario; scenarios {}", a.trials, a.scenarios.join(", "))),
@@ -444,8 +472,8 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
     )
     .await?;
     env.patroni = Some(pat);
-    if !do_switch {
-        eprintln!("[3/4] floor pair: not needed (no switchover scenario)");
+    if !do_switch || a.via_haproxy {
+        eprintln!("[3/4] floor pair: not needed (no switchover scenario, or through HAProxy)");
     } else {
         eprintln!("[3/4] floor pair (plain streaming replication, no HA manager)");
         let ports = [a.port_base + 101, a.port_base + 102];
@@ -457,8 +485,41 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
         report.settings.push(("nginx".into(), n.version.clone()));
         env.nginx = Some(n);
     }
+    if a.via_haproxy {
+        eprintln!("[3/4] HAProxy, one per product (the same write backend and checks)");
+        let (Some(k), Some(p)) = (env.pgkeep.as_ref(), env.patroni.as_ref()) else {
+            bail!("clusters missing");
+        };
+        let setup = front::start_all(
+            &env.work,
+            a.port_base,
+            &bin,
+            &dir,
+            (k, p),
+            &shared,
+            cg,
+            &mut env.fronts,
+        )
+        .await?;
+        let text = setup.text(&env.fronts);
+        for (key, v) in report.settings.iter_mut() {
+            if key == "health checks / HAProxy" {
+                *v = text.clone();
+            }
+        }
+        if !setup.diffs.is_empty() {
+            report.notes.push(format!(
+                "The bench's pgkeep-side HAProxy configuration differs from `pgkeep render haproxy`: {}",
+                setup.diffs.join("; ")
+            ));
+        }
+    }
     let (Some(k), Some(p)) = (env.pgkeep.as_mut(), env.patroni.as_mut()) else {
         bail!("clusters missing");
+    };
+    let fronts: Fronts<'_> = match &env.fronts[..] {
+        [fk, fp] => Some([fk, fp]),
+        _ => None,
     };
     k.create_table().await?;
     p.create_table().await?;
@@ -502,13 +563,14 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
         for scenario in order {
             if scenario == "failover" && do_failover {
                 let before = ready;
-                failovers(
+                loops::failovers(
                     k,
                     p,
                     &mut ready,
                     *t,
                     a.trials,
                     &settings,
+                    fronts,
                     &mut set,
                     &mut report.notes,
                 )
@@ -518,13 +580,14 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
                     usable[i] = usable[i] && (ready[i] || !before[i]);
                 }
             } else if scenario == "switchover" && do_switch {
-                let sw = switchovers(
+                let sw = loops::switchovers(
                     k,
                     p,
                     &mut usable,
                     env.floor.as_ref(),
                     a.trials,
                     &settings,
+                    fronts,
                     raw,
                     &mut report.notes,
                 )
@@ -552,133 +615,4 @@ async fn run(a: &Args, env: &mut Env, report: &mut Report, raw: &Path) -> Result
         .settings
         .push(("load average at end".into(), loadavg()));
     Ok(())
-}
-
-/// After a failed trial: is the cluster healthy again (within 60 s)? If not, it is marked
-/// unusable and a note says so.
-async fn still_usable(c: &Cluster, what: &str, usable: &mut bool, notes: &mut Vec<String>) {
-    if c.wait_healthy(Duration::from_secs(60)).await.is_err() {
-        *usable = false;
-        notes.push(format!(
-            "{}: cluster unhealthy after {what}; its remaining trials were skipped",
-            c.label
-        ));
-    }
-}
-
-/// Failover trials under timings `t`, pgkeep and Patroni in turn.
-#[allow(clippy::too_many_arguments)]
-async fn failovers(
-    k: &mut Cluster,
-    p: &mut Cluster,
-    usable: &mut [bool; 2],
-    t: Timings,
-    n: usize,
-    s: &Settings,
-    set: &mut FailoverSet,
-    notes: &mut Vec<String>,
-) {
-    for i in 1..=n {
-        for (j, (c, rows)) in [(&mut *k, &mut set.pgkeep), (&mut *p, &mut set.patroni)]
-            .into_iter()
-            .enumerate()
-        {
-            if !usable[j] {
-                continue;
-            }
-            eprintln!("  failover {} {}: trial {i}/{n}", c.label, t.text());
-            let r = trials::failover(c, i, t, s)
-                .await
-                .map_err(|e| format!("{e:#}"));
-            match &r {
-                Ok(row) => eprintln!(
-                    "    {} → {}{} kill→expiry {} expiry→ack {} kill→ack {} lost {} rejoin {}",
-                    row.old,
-                    row.new,
-                    row.sync_standby
-                        .as_ref()
-                        .map_or(String::new(), |n| format!(" (sync: {})", n.join(","))),
-                    secs(row.kill_to_expiry),
-                    secs(row.expiry_to_ack),
-                    secs(row.kill_to_ack),
-                    row.loss
-                        .map_or("?".into(), |l| format!("{} of {}", l.lost, l.acked)),
-                    row.rejoin
-                ),
-                Err(e) => eprintln!("    failed: {e}"),
-            }
-            if r.as_ref()
-                .map_or(true, |row| row.rejoin.starts_with("FAILED"))
-            {
-                still_usable(c, &format!("failover trial {i}"), &mut usable[j], notes).await;
-            }
-            rows.push(r);
-        }
-    }
-}
-
-fn secs(v: Option<f64>) -> String {
-    v.map_or("–".into(), |x| format!("{x:.3}s"))
-}
-
-/// Switchover trials: pgkeep, Patroni and the floor in turn.
-#[allow(clippy::too_many_arguments)]
-async fn switchovers(
-    k: &mut Cluster,
-    p: &mut Cluster,
-    usable: &mut [bool; 2],
-    floor: Option<&Floor>,
-    n: usize,
-    s: &Settings,
-    raw: &Path,
-    notes: &mut Vec<String>,
-) -> SwitchSet {
-    let mut set = SwitchSet::default();
-    for i in 1..=n {
-        for (j, c) in [&mut *k, &mut *p].into_iter().enumerate() {
-            if !usable[j] || (j == 0 && set.pgkeep_unsupported.is_some()) {
-                continue;
-            }
-            eprintln!("  switchover {}: trial {i}/{n}", c.label);
-            let r = match trials::switchover(c, i, s).await {
-                Ok(Switch::Done(r)) => {
-                    eprintln!("    write gap {} rejoin {}", secs(r.gap), r.rejoin);
-                    Ok(r)
-                }
-                Ok(Switch::Unsupported(code, body)) if j == 0 => {
-                    eprintln!("    not supported by this pgkeep build (HTTP {code})");
-                    set.pgkeep_unsupported =
-                        Some(format!("`POST /switchover` answered HTTP {code} {body}"));
-                    continue;
-                }
-                Ok(Switch::Unsupported(code, body)) => Err(format!("HTTP {code} {body}")),
-                Err(e) => Err(format!("{e:#}")),
-            };
-            if r.as_ref()
-                .map_or(true, |row| row.rejoin.starts_with("FAILED"))
-            {
-                if let Err(e) = &r {
-                    eprintln!("    failed: {e}");
-                }
-                still_usable(c, &format!("switchover trial {i}"), &mut usable[j], notes).await;
-            }
-            if j == 0 {
-                set.pgkeep.push(r);
-            } else {
-                set.patroni.push(r);
-            }
-        }
-        if let Some(f) = floor {
-            eprintln!("  switchover floor: trial {i}/{n}");
-            let run = format!("floor-switchover-{i}");
-            let r = f
-                .trial(&run, s.writer, &raw.join(format!("{run}.log")))
-                .await;
-            if let Ok(t) = &r {
-                eprintln!("    write gap {}", secs(t.gap));
-            }
-            set.floor.push(r.map_err(|e| format!("{e:#}")));
-        }
-    }
-    set
 }

@@ -53,6 +53,8 @@ pub struct Report {
     pub sync: bool,
     /// WAL senders stopped this many ms before each kill.
     pub stall: Option<u64>,
+    /// The failover and switchover writers went through HAProxy (`--via-haproxy`).
+    pub via_haproxy: bool,
 }
 
 /// A per-trial measurement.
@@ -73,11 +75,11 @@ pub fn median(v: &[f64]) -> Option<f64> {
     })
 }
 
-fn s3(v: Option<f64>) -> String {
+pub(crate) fn s3(v: Option<f64>) -> String {
     v.map_or("–".into(), |x| format!("{x:.3}"))
 }
 
-fn ms(v: Option<f64>) -> String {
+pub(crate) fn ms(v: Option<f64>) -> String {
     v.map_or("–".into(), |x| format!("{:.0}", x * 1000.0))
 }
 
@@ -88,7 +90,7 @@ pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-fn r2(v: Option<f64>) -> String {
+pub(crate) fn r2(v: Option<f64>) -> String {
     v.map_or("n/a".into(), |x| format!("{x:.2}"))
 }
 
@@ -109,7 +111,7 @@ fn ok_rows<T: Clone>(v: &[Result<T, String>]) -> Vec<T> {
     v.iter().filter_map(|r| r.as_ref().ok().cloned()).collect()
 }
 
-fn med<T>(rows: &[T], f: impl Fn(&T) -> Option<f64>) -> Option<f64> {
+pub(crate) fn med<T>(rows: &[T], f: impl Fn(&T) -> Option<f64>) -> Option<f64> {
     median(&rows.iter().filter_map(f).collect::<Vec<_>>())
 }
 
@@ -133,8 +135,13 @@ impl Report {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "# pgkeep vs Patroni: {}, {}\n\n{}\n",
+            "# pgkeep vs Patroni: {}{}, {}\n\n{}\n",
             self.scenarios(),
+            if self.via_haproxy {
+                " through HAProxy"
+            } else {
+                ""
+            },
             self.mode(),
             self.header
         );
@@ -154,7 +161,7 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "\n## Targets (issue 5: failover and switchover; issue 8: REST API and resources)\n\n| target | verdict |\n| --- | --- |"
+            "\n## Targets (issue 5: failover and switchover; issue 8: REST API and resources, failover and switchover through HAProxy)\n\n| target | verdict |\n| --- | --- |"
         );
         for (t, v) in &targets {
             let _ = writeln!(o, "| {t} | {v} |");
@@ -211,7 +218,12 @@ impl Report {
         };
         let _ = writeln!(
             o,
-            "\n## Failover (host loss), {}, {}\n",
+            "\n## Failover (host loss){}, {}, {}\n",
+            if self.via_haproxy {
+                " through HAProxy"
+            } else {
+                ""
+            },
             t.text(),
             self.mode()
         );
@@ -299,6 +311,9 @@ impl Report {
             o,
             "| acknowledged writes lost (all trials) | {kl} of {ka} | {pl} of {pa} | |"
         );
+        if self.via_haproxy {
+            crate::report_haproxy::failover(o, t, &k, &p, targets);
+        }
         let (a, b) = (med(&k, |r| r.expiry_to_ack), med(&p, |r| r.expiry_to_ack));
         targets.push((
             format!(
@@ -358,7 +373,12 @@ impl Report {
     ) {
         let _ = writeln!(
             o,
-            "\n## Switchover (`POST /switchover`, client write gap measured directly), {}\n",
+            "\n## Switchover (`POST /switchover`, client write gap measured {}), {}\n",
+            if self.via_haproxy {
+                "through HAProxy"
+            } else {
+                "directly"
+            },
             if self.sync {
                 "synchronous replication (to the synchronous standby; the floor stays asynchronous)"
             } else {
@@ -404,63 +424,9 @@ impl Report {
                 }
             }
         }
-        let _ = writeln!(
-            o,
-            "\nFloor (no HA manager: untimed CHECKPOINT on both, `pg_ctl stop -m fast`, wait for the shutdown checkpoint on the replica, `pg_promote(wait => true)`):\n\n| # | direction | stop (ms) | replay wait (ms) | promote (ms) | write gap (ms) | stop → 1st ack (s) | acked / lost | unknown (present) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-        );
-        for (i, r) in sw.floor.iter().enumerate() {
-            match r {
-                Ok(f) => {
-                    let (lost, unknown) = loss_cells(&f.loss);
-                    let _ = writeln!(
-                        o,
-                        "| {} | {} | {} | {} | {} | {} | {} | {lost} | {unknown} |",
-                        i + 1,
-                        f.direction,
-                        ms(Some(f.stop)),
-                        ms(Some(f.replay_wait)),
-                        ms(Some(f.promote)),
-                        ms(f.gap),
-                        s3(f.to_first_ack)
-                    );
-                }
-                Err(e) => {
-                    let _ = writeln!(
-                        o,
-                        "| {} | trial failed: {} ||||||||",
-                        i + 1,
-                        e.replace(['|', '\n'], " ")
-                    );
-                }
-            }
-        }
-        let (k, p, f) = (
-            ok_rows(&sw.pgkeep),
-            ok_rows(&sw.patroni),
-            ok_rows(&sw.floor),
-        );
-        let (gk, gp, gf) = (med(&k, |r| r.gap), med(&p, |r| r.gap), med(&f, |r| r.gap));
-        let _ = writeln!(
-            o,
-            "\n| median write gap | ms | trials |\n| --- | --- | --- |\n| pgkeep | {} | {} |\n| Patroni | {} | {} |\n| floor | {} | {} |\n\n| ratio | value | target |\n| --- | --- | --- |\n| pgkeep gap / floor gap | {} | ≤ 1.5 |\n| pgkeep gap / Patroni gap | {} | ≤ 0.25 |\n| Patroni gap / floor gap | {} | (context) |",
-            ms(gk),
-            k.len(),
-            ms(gp),
-            p.len(),
-            ms(gf),
-            f.len(),
-            r2(ratio(gk, gf)),
-            r2(ratio(gk, gp)),
-            r2(ratio(gp, gf)),
-        );
+        let (k, p) = (ok_rows(&sw.pgkeep), ok_rows(&sw.patroni));
         let (ka, kl) = lost_total(&k, |r| &r.loss);
         let (pa, pl) = lost_total(&p, |r| &r.loss);
-        let _ = writeln!(
-            o,
-            "\nAcknowledged writes lost in switchovers: pgkeep {kl} of {ka}, Patroni {pl} of {pa}, floor {} of {}.\n",
-            lost_total(&f, |r| &r.loss).1,
-            lost_total(&f, |r| &r.loss).0,
-        );
         if self.sync {
             for (label, acked, lost) in [("pgkeep", ka, kl), ("Patroni", pa, pl)] {
                 targets.push((
@@ -471,109 +437,95 @@ impl Report {
                 ));
             }
         }
-        targets.push((
-            format!(
-                "switchover write gap within 1.5× the floor (pgkeep/floor = {})",
-                r2(ratio(gk, gf))
-            ),
-            verdict(ratio(gk, gf).map(|r| r <= 1.5)),
-        ));
-        targets.push((
-            format!(
-                "switchover write gap at most a quarter of Patroni's (pgkeep/Patroni = {})",
-                r2(ratio(gk, gp))
-            ),
-            verdict(ratio(gk, gp).map(|r| r <= 0.25)),
-        ));
+        if self.via_haproxy {
+            let (gk, gp) = (med(&k, |r| r.gap), med(&p, |r| r.gap));
+            let _ = writeln!(
+                o,
+                "\n| median write gap | ms | trials |\n| --- | --- | --- |\n| pgkeep | {} | {} |\n| Patroni | {} | {} |\n\nAcknowledged writes lost in switchovers: pgkeep {kl} of {ka}, Patroni {pl} of {pa}. The floor is not run through HAProxy (it has no REST API to check).",
+                ms(gk),
+                k.len(),
+                ms(gp),
+                p.len(),
+            );
+            crate::report_haproxy::switchover(o, &k, &p, targets);
+        } else {
+            floor_part(o, sw, (&k, &p), targets);
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(&[]), None);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(ratio(Some(1.0), Some(4.0)), Some(0.25));
-        assert_eq!(ratio(Some(1.0), Some(0.0)), None);
+/// The floor's table, the median gaps with the floor, and the issue-5 switchover targets.
+fn floor_part(
+    o: &mut String,
+    sw: &SwitchSet,
+    (k, p): (&[SwitchRow], &[SwitchRow]),
+    targets: &mut Vec<(String, &'static str)>,
+) {
+    let _ = writeln!(
+        o,
+        "\nFloor (no HA manager: untimed CHECKPOINT on both, `pg_ctl stop -m fast`, wait for the shutdown checkpoint on the replica, `pg_promote(wait => true)`):\n\n| # | direction | stop (ms) | replay wait (ms) | promote (ms) | write gap (ms) | stop → 1st ack (s) | acked / lost | unknown (present) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for (i, r) in sw.floor.iter().enumerate() {
+        match r {
+            Ok(f) => {
+                let (lost, unknown) = loss_cells(&f.loss);
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} | {} | {lost} | {unknown} |",
+                    i + 1,
+                    f.direction,
+                    ms(Some(f.stop)),
+                    ms(Some(f.replay_wait)),
+                    ms(Some(f.promote)),
+                    ms(f.gap),
+                    s3(f.to_first_ack)
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    o,
+                    "| {} | trial failed: {} ||||||||",
+                    i + 1,
+                    e.replace(['|', '\n'], " ")
+                );
+            }
+        }
     }
-
-    #[test]
-    fn title_names_the_scenarios() {
-        let mut r = Report::default();
-        assert_eq!(r.scenarios(), "no scenario");
-        r.rest = Some(RestSet::default());
-        assert_eq!(r.scenarios(), "REST API / resources");
-        r.switchover = Some(SwitchSet::default());
-        r.failover.push(FailoverSet::default());
-        assert_eq!(
-            r.scenarios(),
-            "failover, switchover and REST API / resources"
-        );
-        assert!(r.markdown().contains("## REST API `GET /primary`"));
-    }
-
-    #[test]
-    fn report_renders_unsupported_switchover() {
-        let r = Report {
-            header: "h".into(),
-            settings: vec![("ttl".into(), "10".into())],
-            switchover: Some(SwitchSet {
-                pgkeep_unsupported: Some("HTTP 501".into()),
-                ..SwitchSet::default()
-            }),
-            ..Report::default()
-        };
-        let md = r.markdown();
-        assert!(md.contains("not supported by this pgkeep build"));
-        assert!(md.contains("| pgkeep gap / floor gap | n/a |"));
-    }
-
-    #[test]
-    fn report_counts_sync_losses() {
-        let row = |new: &str, acked, lost| FailoverRow {
-            trial: 1,
-            old: "node1".into(),
-            new: new.into(),
-            sync_standby: Some(vec!["node2".into()]),
-            stall: Some((2, 1.0)),
-            loss: Some(Loss {
-                acked,
-                lost,
-                ..Loss::default()
-            }),
-            ..FailoverRow::default()
-        };
-        let r = Report {
-            sync: true,
-            stall: Some(1000),
-            failover: vec![FailoverSet {
-                timings: Some(Timings::AGGRESSIVE),
-                pgkeep: vec![Ok(row("node2", 500, 0))],
-                patroni: vec![Ok(row("node3", 400, 3))],
-                ..FailoverSet::default()
-            }],
-            ..Report::default()
-        };
-        let md = r.markdown();
-        assert!(md.contains("synchronous_mode: true"), "{md}");
-        assert!(md.contains("node1 → node2 (sync: node2)"), "{md}");
-        assert!(
-            md.contains("2 WAL senders stopped 1000 ms before the kill"),
-            "{md}"
-        );
-        assert!(md.contains("no acknowledged write lost by pgkeep in host loss (0 lost of 500 acknowledged) | **met**"), "{md}");
-        assert!(md.contains("no acknowledged write lost by Patroni in host loss (3 lost of 400 acknowledged) | **not met**"), "{md}");
-        assert!(
-            md.contains("Patroni promoted the synchronous standby (0 of 1 trials) | **not met**"),
-            "{md}"
-        );
-        assert!(
-            md.contains("| acknowledged writes lost (all trials) | 0 of 500 | 3 of 400 | |"),
-            "{md}"
-        );
-    }
+    let f = ok_rows(&sw.floor);
+    let (gk, gp, gf) = (med(k, |r| r.gap), med(p, |r| r.gap), med(&f, |r| r.gap));
+    let _ = writeln!(
+        o,
+        "\n| median write gap | ms | trials |\n| --- | --- | --- |\n| pgkeep | {} | {} |\n| Patroni | {} | {} |\n| floor | {} | {} |\n\n| ratio | value | target |\n| --- | --- | --- |\n| pgkeep gap / floor gap | {} | ≤ 1.5 |\n| pgkeep gap / Patroni gap | {} | ≤ 0.25 |\n| Patroni gap / floor gap | {} | (context) |",
+        ms(gk),
+        k.len(),
+        ms(gp),
+        p.len(),
+        ms(gf),
+        f.len(),
+        r2(ratio(gk, gf)),
+        r2(ratio(gk, gp)),
+        r2(ratio(gp, gf)),
+    );
+    let (ka, kl) = lost_total(k, |r| &r.loss);
+    let (pa, pl) = lost_total(p, |r| &r.loss);
+    let _ = writeln!(
+        o,
+        "\nAcknowledged writes lost in switchovers: pgkeep {kl} of {ka}, Patroni {pl} of {pa}, floor {} of {}.\n",
+        lost_total(&f, |r| &r.loss).1,
+        lost_total(&f, |r| &r.loss).0,
+    );
+    targets.push((
+        format!(
+            "switchover write gap within 1.5× the floor (pgkeep/floor = {})",
+            r2(ratio(gk, gf))
+        ),
+        verdict(ratio(gk, gf).map(|r| r <= 1.5)),
+    ));
+    targets.push((
+        format!(
+            "switchover write gap at most a quarter of Patroni's (pgkeep/Patroni = {})",
+            r2(ratio(gk, gp))
+        ),
+        verdict(ratio(gk, gp).map(|r| r <= 0.25)),
+    ));
 }

@@ -8,9 +8,11 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-use crate::client::{self, Attempt, Loss, Writer, WriterSettings};
+use crate::client::{self, Attempt, Loss, Target, Writer, WriterSettings};
 use crate::cluster::{Cluster, Timings};
 use crate::etcd;
+use crate::front::Front;
+use crate::haproxy::{self, ProxyView};
 use crate::sys::{self, now};
 
 /// Settings shared by every trial.
@@ -68,6 +70,8 @@ pub struct FailoverRow {
     pub loss: Option<Loss>,
     /// How the killed node came back (restart → healthy cluster).
     pub rejoin: String,
+    /// Through HAProxy: when it marked the old primary DOWN and the new one UP.
+    pub proxy: Option<ProxyView>,
     /// Anything unusual.
     pub note: String,
 }
@@ -93,6 +97,9 @@ pub struct SwitchRow {
     pub errors: (usize, usize, usize),
     /// How the old leader came back (POST answered → healthy cluster).
     pub rejoin: String,
+    /// Through HAProxy: when it marked the old primary DOWN and the new one UP, and when the
+    /// new leader key appeared.
+    pub proxy: Option<ProxyView>,
     /// Anything unusual.
     pub note: String,
 }
@@ -100,7 +107,7 @@ pub struct SwitchRow {
 /// The result of a switchover attempt.
 pub enum Switch {
     /// Measured.
-    Done(SwitchRow),
+    Done(Box<SwitchRow>),
     /// The product does not implement `POST /switchover` (status, body).
     Unsupported(u16, String),
 }
@@ -124,18 +131,34 @@ async fn sleep_until(t: f64) {
     }
 }
 
+/// Before a trial through HAProxy: it must route to `leader` only; the writer's target (HAProxy's
+/// write port, or the members directly) and where HAProxy's log of the trial starts.
+async fn prepare(c: &Cluster, front: Option<&Front>, leader: &str) -> Result<(Target, u64)> {
+    match front {
+        Some(f) => {
+            f.proxy
+                .wait_routing(leader, Duration::from_secs(60))
+                .await?;
+            Ok((f.target.clone(), f.proxy.log_len()))
+        }
+        None => Ok((c.app.clone(), 0)),
+    }
+}
+
 /// Kills the leader's host at a fixed phase after its lease keepalive, measures, brings the
-/// host back.
+/// host back. With `front`, the writer goes through that HAProxy.
 pub async fn failover(
     c: &mut Cluster,
     trial: usize,
     t: Timings,
     s: &Settings,
+    front: Option<&Front>,
 ) -> Result<FailoverRow> {
     let h = c.wait_healthy(Duration::from_secs(180)).await?;
+    let (target, log_at) = prepare(c, front, &h.leader).await?;
     let what = if c.sync { "failover-sync" } else { "failover" };
     let run = run_id(c, &format!("{what}-ttl{}", t.ttl), trial);
-    let writer = Writer::start(c.app.clone(), run.clone(), s.writer);
+    let writer = Writer::start(target, run.clone(), s.writer);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader = c.etcd.leader(&c.prefix).await?.context("no leader key")?;
     if leader.name != h.leader {
@@ -254,6 +277,13 @@ pub async fn failover(
         (Some(l), Some(f)) => Some(f.t1 - l.t1),
         _ => None,
     };
+    if let Some(f) = front {
+        let ev = f.proxy.events_from(log_at);
+        let ack = first.map(|a| a.t1);
+        row.proxy = Some(haproxy::view(
+            &ev, t_kill, &row.old, &row.new, takeover, ack,
+        ));
+    }
     row.loss = match client::check_loss(&c.app, &run, &log).await {
         Ok(l) => Some(l),
         Err(e) => {
@@ -269,9 +299,16 @@ pub async fn failover(
     Ok(row)
 }
 
-/// `POST /switchover` from the leader to the next member, measured with the writer.
-pub async fn switchover(c: &mut Cluster, trial: usize, s: &Settings) -> Result<Switch> {
+/// `POST /switchover` from the leader to the next member, measured with the writer (through
+/// HAProxy with `front`).
+pub async fn switchover(
+    c: &mut Cluster,
+    trial: usize,
+    s: &Settings,
+    front: Option<&Front>,
+) -> Result<Switch> {
     let h = c.wait_healthy(Duration::from_secs(180)).await?;
+    let (target, log_at) = prepare(c, front, &h.leader).await?;
     let li = c.index(&h.leader)?;
     // In synchronous mode both products only switch over to a synchronous standby.
     let cand = match &h.sync_standby {
@@ -291,7 +328,12 @@ pub async fn switchover(c: &mut Cluster, trial: usize, s: &Settings) -> Result<S
         },
         trial,
     );
-    let writer = Writer::start(c.app.clone(), run.clone(), s.writer);
+    let writer = Writer::start(target, run.clone(), s.writer);
+    // Through HAProxy: when the candidate's leader key appears.
+    let watch = match front {
+        Some(_) => Some(c.etcd.watch_leader(&c.prefix).await?),
+        None => None,
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let url = format!("{}/switchover", c.members[li].api);
     let body = json!({"leader": h.leader, "candidate": cand});
@@ -341,5 +383,17 @@ pub async fn switchover(c: &mut Cluster, trial: usize, s: &Settings) -> Result<S
             Err(e) => format!("FAILED: {e:#}"),
         },
     };
-    Ok(Switch::Done(row))
+    // Read after the rejoin: HAProxy marks the old primary DOWN up to inter + fastinter after
+    // its `/primary` stops answering 200, which can be after the writer stopped.
+    if let (Some(f), Some(w)) = (front, &watch) {
+        let key = w
+            .events()
+            .iter()
+            .find(|e| e.t >= t0 && !e.deleted && e.value == cand)
+            .map(|e| e.t);
+        let ev = f.proxy.events_from(log_at);
+        let ack = gap.map(|(_, b)| b);
+        row.proxy = Some(haproxy::view(&ev, t0, &h.leader, &cand, key, ack));
+    }
+    Ok(Switch::Done(Box::new(row)))
 }
