@@ -90,13 +90,13 @@ impl Setup {
             "**the writer goes through HAProxy**: {version}, one process per product (user \
              haproxy, `haproxy -db`, files in `<work>/haproxy/<product>/`, stopped by PID), the same \
              template for both; write frontend on {binds}: the client's one host, PostgreSQL's TLS \
-             passed through and verified end to end (verify-full). Backend `pg_write`: `option \
-             httpchk GET /primary`, `http-check expect status 200`, `default-server {words} \
-             on-marked-down shutdown-sessions`, each server `check port <REST port> check-ssl \
+             passed through and verified end to end (verify-full). Backend `pg_write`: `retries 0`, \
+             `option httpchk GET /primary`, `http-check expect status 200`, `default-server {words} \
+             on-marked-down shutdown-sessions {observe}`, each server `check port <REST port> check-ssl \
              verify required ca-file <run CA> verifyhost <name> check-sni <name> crt <client \
              certificate from the run CA>` (pgkeep: the node's FQDN; Patroni: `localhost`, the DNS \
              name its REST certificate carries); defaults `timeout connect {tconn}`, `timeout check \
-             {tcheck}`, `retries 2`, `option tcpka`, `timeout client/server 30m`. Settings from \
+             {tcheck}`, `retries 2` (the write backend: 0), `option tcpka`, `timeout client/server 30m`. Settings from \
              {source}; the pgkeep side's `defaults` and write backend are {same}. Log `format iso` \
              (µs timestamps of every UP/DOWN). Each trial starts once HAProxy routes to the leader \
              only (`show stat`); the harness's own health check (REST `/primary` + `/patroni`) runs \
@@ -104,6 +104,7 @@ impl Setup {
             version = self.version,
             binds = binds.join(", "),
             words = c.server_words(),
+            observe = crate::haproxy::OBSERVE,
             tconn = c.timeout_connect,
             tcheck = c.timeout_check,
             source = self.source,

@@ -19,6 +19,9 @@ use anyhow::{Context, Result, bail};
 /// The write frontend and backend (the name pgkeep's renderer gives them).
 pub const BACKEND: &str = "pg_write";
 
+/// How the write backend reacts to a connection its server refuses (pgkeep's rendering).
+pub const OBSERVE: &str = "observe layer4 error-limit 1 on-error sudden-death";
+
 /// The check settings (identical for both products).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checks {
@@ -44,7 +47,7 @@ impl Default for Checks {
         Checks {
             inter: "1s".into(),
             fastinter: "250ms".into(),
-            downinter: "250ms".into(),
+            downinter: "100ms".into(),
             rise: 1,
             fall: 2,
             timeout_check: "1s".into(),
@@ -93,7 +96,7 @@ impl Checks {
         })
     }
 
-    /// `inter 1s fastinter 250ms downinter 250ms rise 1 fall 2`.
+    /// `inter 1s fastinter 250ms downinter 100ms rise 1 fall 2`.
     pub fn server_words(&self) -> String {
         format!(
             "inter {} fastinter {} downinter {} rise {} fall {}",
@@ -184,9 +187,10 @@ pub fn config(p: &Plan) -> String {
          default_backend {BACKEND}\n\
          \n\
          backend {BACKEND}\n    \
+         retries 0\n    \
          option httpchk GET /primary\n    \
          http-check expect status 200\n    \
-         default-server {words} on-marked-down shutdown-sessions",
+         default-server {words} on-marked-down shutdown-sessions {OBSERVE}",
         label = p.label,
         socket = p.socket.display(),
         state = p.state_file.display(),
@@ -445,9 +449,10 @@ mod tests {
         option tcpka\n    load-server-state-from-file global\n    timeout connect 1s\n    \
         timeout client 30m\n    timeout server 30m\n    timeout check 1s\n    retries 2\n\n\
         frontend pg_write\n    bind 127.42.1.41:30000\n    default_backend pg_write\n\n\
-        backend pg_write\n    option httpchk GET /primary\n    http-check expect status 200\n    \
-        default-server inter 1s fastinter 250ms downinter 250ms rise 1 fall 2 \
-        on-marked-down shutdown-sessions\n    \
+        backend pg_write\n    retries 0\n    option httpchk GET /primary\n    \
+        http-check expect status 200\n    \
+        default-server inter 1s fastinter 250ms downinter 100ms rise 1 fall 2 \
+        on-marked-down shutdown-sessions observe layer4 error-limit 1 on-error sudden-death\n    \
         server node1 127.42.1.11:20001 check port 20002 check-ssl verify required ca-file \
         /w/ca.crt verifyhost node1.pgkbench.internal check-sni node1.pgkbench.internal crt \
         /w/client.pem\n\nfrontend pg_read\n    bind 127.42.1.41:30001\n";
@@ -472,7 +477,7 @@ mod tests {
         assert!(Checks::from_rendered("defaults\n    mode tcp\n").is_err());
         assert_eq!(
             Checks::default().server_words(),
-            "inter 1s fastinter 250ms downinter 250ms rise 1 fall 2"
+            "inter 1s fastinter 250ms downinter 100ms rise 1 fall 2"
         );
     }
 

@@ -289,6 +289,10 @@ impl Shell {
             }
             self.memory = decision.memory.clone();
             self.disarm_guard_early(&decision);
+            if decision.state == ha::MemberState::Demoting {
+                // Before the stop: health checks see the handover at once (see `publish`).
+                self.publish(&obs, &snap, decision.state);
+            }
             let mut replan = false;
             for action in &decision.actions {
                 let outcome = self.execute(action).await;

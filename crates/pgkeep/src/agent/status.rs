@@ -102,7 +102,11 @@ impl Shell {
             })
             .map(|l| self.instant(self.ha.lease_deadline(l.sent_at, l.granted_ttl)))
             // A proof whose deadline passed is still reported to the core, but holds nothing.
-            .filter(|d| *d > now);
+            .filter(|d| *d > now)
+            // A holder handing over (switchover, shutdown) is no longer the primary clients should
+            // reach: `/primary` answers 503 from the decision on, so load balancers start taking
+            // it out while PostgreSQL stops instead of after the key is released.
+            .filter(|_| state != MemberState::Demoting);
         let lease_ttl = self
             .leader_lease
             .filter(|_| lease_deadline.is_some())

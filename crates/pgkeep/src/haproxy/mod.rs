@@ -25,14 +25,16 @@
 //! |---|---|---|---|
 //! | `inter` | 1s | 1s | an UP server is checked every second |
 //! | `fastinter` | 250ms | 250ms | after one failed check the next comes 250 ms later, so `fall 2` confirms a loss within 1.25 s of it |
-//! | `downinter` | 250ms | 1s | a DOWN server in the write backend (every replica) is asked every 250 ms, so a new primary takes writes at most 250 ms after its `/primary` turns 200; readers can wait a second |
+//! | `downinter` | 100ms | 1s | a DOWN server in the write backend (every replica) is asked every 100 ms, so a new primary takes writes at most 100 ms after its `/primary` turns 200 (a switchover's whole outage is a few hundred ms: this wait would otherwise be a large share of it); readers can wait a second |
 //! | `rise` | 1 | 2 | `/primary` = 200 is authoritative (the node holds the leader key and runs as primary), one answer is enough; a replica must pass twice in a row before it takes reads, so one hovering around the lag limit does not flap |
 //! | `fall` | 2 | 2 | one slow or lost check must not cut every session on a healthy primary (`shutdown-sessions`) |
 //! | `timeout check` | 1s | 1s | the agent answers in milliseconds; a node that needs a second is not healthy |
 //! | `timeout connect` | 1s | 1s | a server HAProxy believes UP but that does not answer costs a client at most a second per try |
+//! | `observe layer4 error-limit 1 on-error sudden-death` | yes | – | a connection the primary refuses (its PostgreSQL stopped for a switchover, or crashed) makes the next check, `fastinter` later, decisive: one more failure and it is DOWN. Not `mark-down`: one refused or timed-out connection during a connection storm must not cut every session of a healthy primary |
+//! | `retries` | 0 | 2 (defaults) | the write backend has one server UP: a retry can only go back to the primary that just refused, after HAProxy's one-second turn-around pause. The client's own reconnect is faster and reaches the new primary as soon as it is UP. Readers keep two retries with `redispatch` to another replica |
 //!
-//! The cost is about twelve TLS handshakes a second over three nodes (each agent sees five a
-//! second at most), a few milliseconds of CPU.
+//! The cost is about twenty-five TLS handshakes a second over three nodes (a replica's agent sees
+//! eleven a second, the primary's two), well under a millisecond of CPU each.
 
 pub mod stats;
 
@@ -89,7 +91,7 @@ impl Default for CheckTimings {
         CheckTimings {
             inter: Duration::from_secs(1),
             fastinter: Duration::from_millis(250),
-            write_downinter: Duration::from_millis(250),
+            write_downinter: Duration::from_millis(100),
             read_downinter: Duration::from_secs(1),
             write_rise: 1,
             read_rise: 2,
@@ -321,6 +323,9 @@ pub fn render(plan: &Plan) -> Result<String, HaproxyError> {
          #     promoted), one answer is enough. rise {rrise} (read): a replica must pass twice in a\n\
          #     row, so one hovering around the lag limit does not flap.\n\
          #   timeout check {tcheck}: the agent answers in milliseconds. timeout connect {tconn}.\n\
+         #   {write}: observe layer4, on-error sudden-death: a connection the primary refuses (it\n\
+         #     stopped for a switchover) makes the next check decisive; retries 0: a retry could\n\
+         #     only go back to that primary after a one-second pause, the client's own is faster.\n\
          # HAProxy 2.6 starts every server UP (until its first checks fail): wait until only the\n\
          # primary is UP in {write} (`show stat` on the stats socket) before sending clients.",
         cluster = plan.cluster,
@@ -402,16 +407,25 @@ pub fn render(plan: &Plan) -> Result<String, HaproxyError> {
         if let Some(b) = balance {
             let _ = writeln!(w, "    balance {b}\n    option redispatch");
         }
+        let write = backend == WRITE_BACKEND;
+        if write {
+            let _ = writeln!(w, "    retries 0");
+        }
         let _ = writeln!(
             w,
             "    option httpchk GET {path}\n    \
              http-check expect status 200\n    \
              default-server inter {inter} fastinter {fast} downinter {down} rise {rise} fall {fall} \
-             on-marked-down shutdown-sessions",
+             on-marked-down shutdown-sessions{observe}",
             inter = hdur(c.inter),
             fast = hdur(c.fastinter),
             down = hdur(down),
             fall = c.fall,
+            observe = if write {
+                " observe layer4 error-limit 1 on-error sudden-death"
+            } else {
+                ""
+            },
         );
         for s in &plan.servers {
             let _ = writeln!(

@@ -71,10 +71,11 @@ fn write_frontend_reaches_the_primary_through_verified_checks() {
     assert_eq!(
         b,
         [
+            "retries 0",
             "option httpchk GET /primary",
             "http-check expect status 200",
-            "default-server inter 1s fastinter 250ms downinter 250ms rise 1 fall 2 \
-             on-marked-down shutdown-sessions",
+            "default-server inter 1s fastinter 250ms downinter 100ms rise 1 fall 2 \
+             on-marked-down shutdown-sessions observe layer4 error-limit 1 on-error sudden-death",
             "server node1 127.42.5.11:25431 check port 28441 check-ssl verify required \
              ca-file /d/pki/ca.crt verifyhost node1.demo.internal check-sni node1.demo.internal \
              crt /d/haproxy/haproxy-lb.pem",

@@ -325,7 +325,7 @@ fn haproxy_read_port_reaches_only_replicas_and_write_port_follows_a_failover() {
         "haproxy failover: acked before the kill {before}; kill -> new primary seen {:.2?}; \
          kill -> only the new primary UP in {WRITE_BACKEND} {:.2?}; kill -> first write \
          acknowledged through the write port {gap:.2?} (HAProxy inter 1s, fastinter 250ms, \
-         downinter 250ms, rise 1, fall 2; ttl 10, loop_wait 1)",
+         downinter 100ms, rise 1, fall 2; ttl 10, loop_wait 1)",
         t_promoted - t_kill,
         t_routed - t_kill
     );
@@ -511,7 +511,7 @@ fn haproxy_marks_an_impostor_rest_api_down_and_sends_it_no_traffic() {
             .iter()
             .map(|be| b.lb.server(be, &name(x)).unwrap().sessions)
             .collect();
-        // Several checks' worth (downinter 250ms in pg_write, 1s in pg_read) while clients
+        // Several checks' worth (downinter 100ms in pg_write, 1s in pg_read) while clients
         // keep connecting through the write port.
         let t0 = Instant::now();
         let mut probes = 0;
