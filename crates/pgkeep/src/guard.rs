@@ -204,6 +204,37 @@ pub struct GuardArgs {
     pub data_dir: PathBuf,
 }
 
+impl GuardArgs {
+    /// The arguments the agent starts the guard with (`fence-guard --state S --config-dir C
+    /// --data-dir D`, each flag once, in any order), read without the full command-line parser:
+    /// the guard runs beside every agent for as long as it lives, and building the whole CLI
+    /// maps megabytes of the executable's code into it. `None` for anything else (the full
+    /// parser then explains the error).
+    pub fn from_argv(args: &[std::ffi::OsString]) -> Option<GuardArgs> {
+        let (first, rest) = args.split_first()?;
+        if first.as_os_str() != "fence-guard" || rest.len() != 6 {
+            return None;
+        }
+        let (mut state, mut config_dir, mut data_dir) = (None, None, None);
+        for pair in rest.chunks(2) {
+            let slot = match pair[0].to_str()? {
+                "--state" => &mut state,
+                "--config-dir" => &mut config_dir,
+                "--data-dir" => &mut data_dir,
+                _ => return None,
+            };
+            if slot.replace(PathBuf::from(&pair[1])).is_some() {
+                return None;
+            }
+        }
+        Some(GuardArgs {
+            state: state?,
+            config_dir: config_dir?,
+            data_dir: data_dir?,
+        })
+    }
+}
+
 /// The guard process's main loop (`pgkeep fence-guard`). Returns when there is nothing left to
 /// guard.
 pub fn run(args: &GuardArgs) -> Result<()> {
@@ -465,6 +496,66 @@ mod tests {
         let disarmed = GuardState::Disarmed { owner: Some(1) };
         assert_eq!(step(disarmed, 1200, true), Step::Wait(IDLE_POLL_MS));
         assert_eq!(step(disarmed, 1200, false), Step::Exit);
+    }
+
+    #[test]
+    fn the_agents_command_line_is_read_without_clap_and_nothing_else_is() {
+        let argv = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let a = GuardArgs::from_argv(&argv(&[
+            "fence-guard",
+            "--data-dir",
+            "/d",
+            "--state",
+            "/s",
+            "--config-dir",
+            "/c",
+        ]))
+        .unwrap();
+        assert_eq!(
+            (a.state, a.config_dir, a.data_dir),
+            ("/s".into(), "/c".into(), "/d".into())
+        );
+        for bad in [
+            &[
+                "fence-guard",
+                "--state",
+                "/s",
+                "--state",
+                "/s",
+                "--data-dir",
+                "/d",
+            ][..],
+            &["fence-guard", "--state", "/s", "--config-dir", "/c"],
+            &[
+                "fence-guard",
+                "--state",
+                "/s",
+                "--config-dir",
+                "/c",
+                "--data-dir",
+            ],
+            &[
+                "fence-guard",
+                "--state",
+                "/s",
+                "--config-dir",
+                "/c",
+                "--bogus",
+                "/d",
+            ],
+            &[
+                "agent",
+                "--state",
+                "/s",
+                "--config-dir",
+                "/c",
+                "--data-dir",
+                "/d",
+            ],
+            &["fence-guard", "--help"],
+        ] {
+            assert!(GuardArgs::from_argv(&argv(bad)).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

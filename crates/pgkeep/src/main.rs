@@ -50,6 +50,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // The fence guard's own start, before the CLI parser and the TLS provider: it needs neither,
+    // and what it never runs stays out of its memory for the agent's whole life.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(guard) = pgkeep::guard::GuardArgs::from_argv(&argv) {
+        return exit(run_guard(&guard));
+    }
     // One crypto provider for every TLS user in the process (rustls, tonic, reqwest).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Cli::parse();
@@ -71,18 +77,24 @@ fn main() -> std::process::ExitCode {
             state,
             config_dir,
             data_dir,
-        } => {
-            let _ = tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_ansi(false)
-                .try_init();
-            pgkeep::guard::run(&pgkeep::guard::GuardArgs {
-                state,
-                config_dir,
-                data_dir,
-            })
-        }
+        } => run_guard(&pgkeep::guard::GuardArgs {
+            state,
+            config_dir,
+            data_dir,
+        }),
     };
+    exit(result)
+}
+
+fn run_guard(args: &pgkeep::guard::GuardArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    pgkeep::guard::run(args)
+}
+
+fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
