@@ -120,12 +120,30 @@ pub struct HbaRoles {
 /// Renders pg_hba.conf: peer for the local superuser, certificates for replication and rewind,
 /// scram-sha-256 over TLS for everyone else from `networks`, and an explicit reject for any
 /// connection without TLS. `extra` lines (already checked by the configuration loader) follow
-/// pgkeep's own lines and precede the final rejects.
+/// pgkeep's own lines and precede the final rejects; extra `hostgssenc` lines come first, after
+/// a reject of the superuser over GSSAPI encryption, since a GSS-encrypted connection is not SSL
+/// and the plaintext reject would refuse it before any of them.
 pub fn render_hba(roles: &HbaRoles, networks: &[String], extra: &[String]) -> String {
     let mut out = String::from(
         "# pg_hba.conf rendered by pgkeep; edits are overwritten. Add lines with postgresql.pg_hba.\n",
     );
     out.push_str("# TYPE    DATABASE     USER  ADDRESS  METHOD\n");
+    let is_gss = |l: &&String| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|t| t.eq_ignore_ascii_case("hostgssenc"))
+    };
+    let (gss, extra): (Vec<&String>, Vec<&String>) = extra.iter().partition(is_gss);
+    if !gss.is_empty() {
+        out.push_str(&format!(
+            "hostgssenc all          {}  all      reject\n",
+            roles.superuser
+        ));
+        for line in gss {
+            out.push_str(line.trim());
+            out.push('\n');
+        }
+    }
     out.push_str("hostnossl all          all   all      reject\n");
     out.push_str(&format!(
         "local     all          {}    peer\n",
@@ -380,6 +398,31 @@ mod tests {
             .position(|l| l.contains("all   127.0.0.0/8  scram"))
             .unwrap();
         assert!(extra < general, "extra lines come before the general rule");
+    }
+
+    #[test]
+    fn gss_encrypted_lines_precede_the_plaintext_reject_but_never_admit_the_superuser() {
+        let text = render_hba(
+            &roles(),
+            &["127.0.0.0/8".into()],
+            &[
+                "hostssl app app 10.0.0.0/8 scram-sha-256".into(),
+                "hostgssenc all all 10.0.0.0/8 gss include_realm=0".into(),
+            ],
+        );
+        let lines: Vec<_> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(lines[0].starts_with("hostgssenc all") && lines[0].contains("postgres"));
+        assert!(lines[0].ends_with("reject"));
+        assert_eq!(
+            lines[1],
+            "hostgssenc all all 10.0.0.0/8 gss include_realm=0"
+        );
+        assert!(lines[2].starts_with("hostnossl") && lines[2].ends_with("reject"));
+        assert_eq!(
+            lines.iter().filter(|l| l.starts_with("hostgssenc")).count(),
+            2
+        );
+        assert!(lines.contains(&"hostssl app app 10.0.0.0/8 scram-sha-256"));
     }
 
     #[test]
