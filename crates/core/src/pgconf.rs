@@ -136,7 +136,7 @@ pub fn render_hba(roles: &HbaRoles, networks: &[String], extra: &[String]) -> St
     let (gss, extra): (Vec<&String>, Vec<&String>) = extra.iter().partition(is_gss);
     if !gss.is_empty() {
         out.push_str(&format!(
-            "hostgssenc all          {}  all      reject\n",
+            "hostgssenc all,replication {}  all  reject\n",
             roles.superuser
         ));
         for line in gss {
@@ -145,6 +145,12 @@ pub fn render_hba(roles: &HbaRoles, networks: &[String], extra: &[String]) -> St
         }
     }
     out.push_str("hostnossl all          all   all      reject\n");
+    // `all` does not match a replication connection: both are named, from every address, ahead
+    // of any extra line (no superuser over the network, not even for a base backup).
+    out.push_str(&format!(
+        "hostssl   all,replication  {}  all  reject\n",
+        roles.superuser
+    ));
     out.push_str(&format!(
         "local     all          {}    peer\n",
         roles.superuser
@@ -389,6 +395,8 @@ mod tests {
         }
         assert!(text.contains("hostssl   replication  replicator  127.0.0.0/8  cert"));
         assert!(text.contains("hostssl   all          postgres  127.0.0.0/8  reject"));
+        // Before any extra line, replication connections (which `all` does not match) included.
+        assert!(lines[1].starts_with("hostssl   all,replication  postgres  all  reject"));
         let extra = lines
             .iter()
             .position(|l| l.starts_with("hostssl app"))
@@ -411,7 +419,11 @@ mod tests {
             ],
         );
         let lines: Vec<_> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert!(lines[0].starts_with("hostgssenc all") && lines[0].contains("postgres"));
+        assert!(
+            lines[0].starts_with("hostgssenc all,replication postgres"),
+            "{}",
+            lines[0]
+        );
         assert!(lines[0].ends_with("reject"));
         assert_eq!(
             lines[1],

@@ -289,12 +289,15 @@ impl Shell {
             }
             self.memory = decision.memory.clone();
             self.disarm_guard_early(&decision);
-            if decision.state == ha::MemberState::Demoting {
-                // Before the stop: health checks see the handover at once (see `publish`).
-                self.publish(&obs, &snap, decision.state);
-            }
             let mut replan = false;
             for action in &decision.actions {
+                if decision.state == ha::MemberState::Demoting
+                    && matches!(action, ha::Action::Stop { .. })
+                {
+                    // After the checkpoint, before the stop: health checks see the hand-over
+                    // (`ApiSnapshot::handing_over`) while PostgreSQL stops.
+                    self.publish(&obs, &snap, decision.state);
+                }
                 let outcome = self.execute(action).await;
                 self.request_acted(action);
                 if let exec::Outcome::Replan = outcome {

@@ -102,11 +102,7 @@ impl Shell {
             })
             .map(|l| self.instant(self.ha.lease_deadline(l.sent_at, l.granted_ttl)))
             // A proof whose deadline passed is still reported to the core, but holds nothing.
-            .filter(|d| *d > now)
-            // A holder handing over (switchover, shutdown) is no longer the primary clients should
-            // reach: `/primary` answers 503 from the decision on, so load balancers start taking
-            // it out while PostgreSQL stops instead of after the key is released.
-            .filter(|_| state != MemberState::Demoting);
+            .filter(|d| *d > now);
         let lease_ttl = self
             .leader_lease
             .filter(|_| lease_deadline.is_some())
@@ -123,6 +119,7 @@ impl Shell {
         let snapshot = ApiSnapshot {
             status: s,
             lease_deadline,
+            handing_over: state == MemberState::Demoting,
             dcs_fresh_until: self.watch.is_live().then_some(now + ttl),
             loop_deadline: Some(
                 now + std::time::Duration::from_millis(self.ha.loop_wait.0) + loop_margin,

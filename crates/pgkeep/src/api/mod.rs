@@ -131,6 +131,10 @@ pub struct ApiSnapshot {
     /// While this node holds the leader lock: when the hold ends (last acknowledged keepalive +
     /// granted TTL − safety margin, on the monotonic clock). `None` when it does not hold it.
     pub lease_deadline: Option<Instant>,
+    /// The node decided to hand the leader key over (a switchover, a shutdown) and is stopping
+    /// PostgreSQL: it still holds the lock, but `/primary` and `/leader` answer 503 so load
+    /// balancers take it out while it stops rather than after the key is released.
+    pub handing_over: bool,
     /// Until when the cached DCS view counts as fresh (last successful read + `ttl`).
     pub dcs_fresh_until: Option<Instant>,
     /// Until when the HA loop counts as alive: its next scheduled run + `ttl` on a running
@@ -159,6 +163,7 @@ impl ApiSnapshot {
         ApiSnapshot {
             status: MemberStatus::new(scope, name),
             lease_deadline: None,
+            handing_over: false,
             dcs_fresh_until: None,
             loop_deadline: None,
             latest_end_lsn: None,
@@ -193,7 +198,7 @@ impl ApiSnapshot {
             _ => (None, None),
         };
         NodeHealth {
-            holds_lease: self.lease_deadline.is_some_and(|t| now < t),
+            holds_lease: !self.handing_over && self.lease_deadline.is_some_and(|t| now < t),
             standby_cluster: self.standby_cluster,
             pg_running: s.state == "running",
             pg_role: PgRole::from_patroni(&s.role),

@@ -116,9 +116,16 @@ fn parse(line: &str) -> Result<Option<Line>, String> {
     let method = single(fields.get(method_at), "authentication method")?.to_ascii_lowercase();
     let mut options = Vec::new();
     for token in fields.iter().skip(method_at + 1).flatten() {
-        let (name, value) = token
-            .split_once('=')
-            .ok_or_else(|| format!("the option {token:?} is not in name=value form"))?;
+        let (name, value) = token.split_once('=').ok_or_else(|| {
+            if has_secret(line) {
+                // The token may be part of an unquoted secret: never echo it.
+                "an option after the method is not in name=value form (quote a value that \
+                 contains blanks)"
+                    .to_owned()
+            } else {
+                format!("the option {token:?} is not in name=value form")
+            }
+        })?;
         options.push((name.to_owned(), value.to_owned()));
     }
     Ok(Some(Line {
@@ -183,7 +190,8 @@ pub(super) fn check_line(line: &str, weak_allowed: bool) -> Result<(), String> {
             "scram-sha-256" | "cert" | "reject" | "gss" | "ldap" | "radius" | "pam"
         ),
     };
-    let shown = line.trim();
+    // Refusals quote the line; a bind password or RADIUS secret in it must not reach a log.
+    let shown = redacted(line.trim());
     if !strong {
         return Err(format!(
             "{shown:?} allows the weak method {method}; use hostssl with scram-sha-256 or cert \
@@ -208,13 +216,11 @@ pub(super) fn check_line(line: &str, weak_allowed: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// True when the line carries a secret option (`ldapbindpasswd`, `radiussecrets`).
+/// True when the line may carry a secret option (`ldapbindpasswd`, `radiussecrets`): any
+/// mention counts, also in a line that does not parse, so nothing secret is ever shown or left
+/// in a file others can read.
 pub(super) fn has_secret(line: &str) -> bool {
-    parse(line).ok().flatten().is_some_and(|l| {
-        l.options
-            .iter()
-            .any(|(n, _)| SECRET_OPTIONS.contains(&n.as_str()))
-    })
+    SECRET_OPTIONS.iter().any(|s| line.contains(s))
 }
 
 /// The line for display, the value of every secret option replaced by `<redacted>`. A line
@@ -223,8 +229,9 @@ pub(super) fn redacted(line: &str) -> String {
     if !has_secret(line) {
         return line.to_owned();
     }
-    let Ok(fields) = fields(line) else {
-        return "<redacted>".into();
+    // A line that does not parse may hold a secret split over several tokens.
+    let (Ok(Some(_)), Ok(fields)) = (parse(line), fields(line)) else {
+        return "<redacted: a line with a secret option>".into();
     };
     let quote = |t: &str| {
         if t.is_empty() || t.contains(|c: char| blank(c) || matches!(c, ',' | '"' | '#')) {
@@ -419,5 +426,27 @@ mod tests {
         let plain = "hostssl all all 10.0.0.0/8 scram-sha-256";
         assert!(!has_secret(plain));
         assert_eq!(redacted(plain), plain);
+    }
+
+    /// Refusals quote the line, and they reach stderr and the journal.
+    #[test]
+    fn a_refused_line_never_shows_its_secret() {
+        for (line, secret) in [
+            (
+                "hostssl all all 10.0.0.0/8 ldap ldapserver=l ldapbinddn=cn=pg ldapbindpasswd=s3cr3t",
+                "s3cr3t",
+            ),
+            (
+                "host all all 10.0.0.0/8 radius radiusservers=r radiussecrets=abc123",
+                "abc123",
+            ),
+            (
+                "hostssl all all 10.0.0.0/8 ldap ldapscheme=ldaps ldapbindpasswd=a tail-of-it",
+                "tail-of-it",
+            ),
+        ] {
+            let e = check_line(line, false).unwrap_err();
+            assert!(!e.contains(secret), "{e}");
+        }
     }
 }

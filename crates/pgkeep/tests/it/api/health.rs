@@ -89,6 +89,24 @@ async fn primary_answers_200_only_until_the_lease_deadline() {
     srv.shutdown().await;
 }
 
+/// A leader stopping PostgreSQL to hand the key over still holds the lock, but load balancers
+/// must stop sending it writes at once.
+#[tokio::test]
+async fn a_leader_handing_over_is_not_the_primary_any_more() {
+    let pki = Pki::new();
+    let srv = Running::start(&pki.restapi(), leader_snapshot()).await;
+    let c = pki.client_for(None);
+    assert_eq!(code(&c, &srv.url("/primary")).await, 200);
+    let mut snap = leader_snapshot();
+    snap.handing_over = true;
+    srv.set(snap);
+    for path in ["/primary", "/leader", "/", "/read-write", "/replica"] {
+        assert_eq!(code(&c, &srv.url(path)).await, 503, "{path}");
+    }
+    assert_eq!(code(&c, &srv.url("/health")).await, 200);
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn head_and_options_carry_no_body_and_anonymous_get_describes_nothing() {
     let pki = Pki::new();
