@@ -326,15 +326,27 @@ pub struct GuardHandle {
     args: GuardArgs,
     child: Option<Child>,
     last: Option<GuardState>,
+    json_logs: bool,
 }
 
+/// Environment variable telling the guard to log JSON lines like its agent (its stderr is the
+/// agent's).
+pub const LOG_FORMAT_ENV: &str = "PGKEEP_LOG_FORMAT";
+
 impl GuardHandle {
+    /// The guard logs JSON lines, as the agent does.
+    pub fn with_json_logs(mut self, json: bool) -> GuardHandle {
+        self.json_logs = json;
+        self
+    }
+
     /// A handle; the guard process starts with the first [`GuardHandle::ensure_running`].
     pub fn new(args: GuardArgs) -> GuardHandle {
         GuardHandle {
             args,
             child: None,
             last: None,
+            json_logs: false,
         }
     }
 
@@ -384,6 +396,7 @@ impl GuardHandle {
             .arg(&self.args.config_dir)
             .arg("--data-dir")
             .arg(&self.args.data_dir)
+            .env(LOG_FORMAT_ENV, if self.json_logs { "json" } else { "text" })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .process_group(0)

@@ -19,6 +19,10 @@ enum Command {
         /// The node's configuration file.
         #[arg(short = 'c', long = "config")]
         config: std::path::PathBuf,
+        /// Log format, overriding `log.format` of the file: `text` for people, `json` (one
+        /// object per line) for log collectors.
+        #[arg(long, value_enum)]
+        log_format: Option<pgkeep::config::LogFormat>,
     },
     /// Validate configuration files.
     Config(cli::config::ConfigArgs),
@@ -60,12 +64,12 @@ fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Cli::parse();
     let result = match args.command {
-        Command::Agent { config } => tokio::runtime::Builder::new_multi_thread()
+        Command::Agent { config, log_format } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(pgkeep::agent::run(&config))),
+            .and_then(|rt| rt.block_on(pgkeep::agent::run(&config, log_format))),
         Command::Config(a) => cli::config::run(a),
         Command::Pki(a) => cli::pki::run(a),
         Command::Up(a) => cli::up::run_up(a),
@@ -87,10 +91,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run_guard(args: &pgkeep::guard::GuardArgs) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
+        .with_ansi(false);
+    // Its stderr is the agent's: the same format.
+    let _ = if std::env::var_os(pgkeep::guard::LOG_FORMAT_ENV).is_some_and(|f| f == "json") {
+        log.json().try_init()
+    } else {
+        log.try_init()
+    };
     pgkeep::guard::run(args)
 }
 

@@ -163,12 +163,18 @@ impl AgentCluster {
 
     /// Starts agent `i`'s process.
     pub fn start(&mut self, i: usize) -> Result<()> {
+        self.start_with(i, &[])
+    }
+
+    /// Starts agent `i`'s process with `extra` command-line arguments after `-c FILE`.
+    pub fn start_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
         let a = &mut self.agents[i];
-        let args = [
+        let mut args = vec![
             std::ffi::OsStr::new("agent"),
             "-c".as_ref(),
             a.config.as_os_str(),
         ];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
         let svc = self.env.spawn(
             &format!("{}-agent", a.node.name),
             &a.node.user,

@@ -408,11 +408,15 @@ fn peer_client(cfg: &Config) -> Result<Option<ApiClient>> {
 
 /// Runs the agent until SIGTERM (or SIGINT): then PostgreSQL is stopped cleanly and, on the
 /// leader, the key is released, so a replica takes over without waiting for the lease to expire.
-pub async fn run(config_path: &Path) -> Result<()> {
+/// `log_format` (the command line's `--log-format`) overrides the file's `log.format`.
+pub async fn run(config_path: &Path, log_format: Option<crate::config::LogFormat>) -> Result<()> {
     if nix::unistd::Uid::effective().is_root() {
         bail!("pgkeep agent must not run as root; run it as the PostgreSQL OS user (postgres)");
     }
-    let cfg = Config::load(config_path)?;
+    let mut cfg = Config::load(config_path)?;
+    if let Some(f) = log_format {
+        cfg.log.format = f;
+    }
     init_logging(&cfg.log);
     for flag in cfg.insecure.active() {
         tracing::warn!(override = flag, "insecure override in force");
@@ -474,7 +478,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         state: cfg.postgresql.config_dir.join(crate::guard::STATE_FILE),
         config_dir: cfg.postgresql.config_dir.clone(),
         data_dir: cfg.postgresql.data_dir.clone(),
-    });
+    })
+    .with_json_logs(cfg.log.format == crate::config::LogFormat::Json);
     guard.settle_stale(&instance);
     let mut shell = Shell {
         layout,

@@ -76,3 +76,33 @@ fn three_agents_bootstrap_clone_replicate_and_answer_health_checks() {
     assert_eq!(code(1, "/primary"), 503);
     assert_eq!(code(2, "/leader"), 503);
 }
+
+/// `--log-format json`: every line the agent writes is one JSON object, HA decisions included
+/// with their reason.
+#[test]
+fn json_logs_on_request() {
+    let env = Env::new("jsonlog").unwrap();
+    let etcd = EtcdCluster::start(&env, 1).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("pgkeep");
+    let mut c = AgentCluster::prepare(&env, &etcd, "jl", 1, &bin).unwrap();
+    c.start_with(0, &["--log-format", "json"]).unwrap();
+    c.wait("a primary", Duration::from_secs(60), |c| {
+        c.primary().is_some()
+    })
+    .unwrap();
+    let log = std::fs::read_to_string(c.agents[0].service.as_ref().unwrap().log_path()).unwrap();
+    let mut decisions = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        if v["fields"]["message"] == "decision" {
+            assert!(v["fields"]["reason"].is_string(), "{line}");
+            decisions += 1;
+        }
+    }
+    assert!(decisions > 0, "no decision logged:\n{log}");
+}
