@@ -262,39 +262,10 @@ pub struct Event {
     pub reason: String,
 }
 
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// Epoch seconds of an ISO 8601 time as HAProxy's `iso` log format writes it
-/// (`2026-11-29T20:04:45.174725+00:00`).
+/// (`2026-11-29T20:04:45.174725+00:00`), to the millisecond.
 pub fn parse_iso(s: &str) -> Option<f64> {
-    let (date, rest) = s.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
-    let z = rest.find(['+', '-', 'Z'])?;
-    let (time, tz) = rest.split_at(z);
-    let mut t = time.split(':');
-    let h: i64 = t.next()?.parse().ok()?;
-    let mi: i64 = t.next()?.parse().ok()?;
-    let sec: f64 = t.next()?.parse().ok()?;
-    let offset = match tz {
-        "Z" => 0,
-        _ => {
-            let sign = if tz.starts_with('-') { -1 } else { 1 };
-            let (oh, om) = tz[1..].split_once(':')?;
-            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60)
-        }
-    };
-    let whole = days_from_civil(y, mo, day) * 86_400 + h * 3600 + mi * 60 - offset;
-    Some(whole as f64 + sec)
+    pgkeep_core::ha::parse_rfc3339(s).map(|ms| ms as f64 / 1000.0)
 }
 
 /// The server state changes of the write backend in a log text (`iso` format).

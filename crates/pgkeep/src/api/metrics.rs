@@ -571,37 +571,10 @@ fn request_metrics(o: &mut Out, stats: &RequestStats) {
     }
 }
 
-/// `2026-11-29 17:01:02.123456+00` (PostgreSQL's text form of a timestamptz) as epoch seconds.
+/// `2026-11-29 17:01:02.123456+00` (PostgreSQL's text form of a timestamptz) as epoch seconds,
+/// to the millisecond.
 fn parse_pg_timestamp(text: &str) -> Option<f64> {
-    let (date, rest) = text.trim().split_once(' ')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
-    let split = rest.rfind(['+', '-'])?;
-    let (clock, zone) = rest.split_at(split);
-    let mut c = clock.split(':');
-    let (h, mi) = (
-        c.next()?.parse::<i64>().ok()?,
-        c.next()?.parse::<i64>().ok()?,
-    );
-    let sec: f64 = c.next()?.parse().ok()?;
-    let sign = if zone.starts_with('-') { -1 } else { 1 };
-    let mut z = zone[1..].split(':').map(|p| p.parse::<i64>().ok());
-    let zh = z.next()??;
-    let zm = z.next().flatten().unwrap_or(0);
-    let days = days_from_civil(y, mo, da);
-    let local = days * 86_400 + h * 3_600 + mi * 60;
-    Some((local - sign * (zh * 3_600 + zm * 60)) as f64 + sec)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    pgkeep_core::ha::parse_rfc3339(text).map(|ms| ms as f64 / 1000.0)
 }
 
 #[cfg(test)]
