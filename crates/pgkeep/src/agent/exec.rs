@@ -213,7 +213,7 @@ impl Shell {
                 self.restart_pg(&role).await?;
             }
             Action::Follow { upstream } => {
-                self.upstream = upstream.clone();
+                self.set_upstream(upstream);
                 self.render(true)?;
                 self.reload_pg()?;
                 tracing::info!(upstream = ?upstream, "following");
@@ -401,7 +401,7 @@ impl Shell {
         let standby = match role {
             StartRole::Primary => false,
             StartRole::Replica { upstream } => {
-                self.upstream = upstream.clone();
+                self.set_upstream(upstream);
                 true
             }
         };
@@ -437,6 +437,51 @@ impl Shell {
             standby_of.as_ref(),
             &self.sync_names,
         )
+    }
+
+    /// Records the upstream PostgreSQL is about to be configured for, and whether its member key
+    /// lacks the address to render (then `render_pending_upstream` tries again every cycle).
+    fn set_upstream(&mut self, upstream: &Option<String>) {
+        self.upstream = upstream.clone();
+        self.upstream_unrendered = upstream.as_deref().is_some_and(|m| {
+            let missing = self.standby_of(m).is_none();
+            if missing {
+                tracing::warn!(
+                    upstream = m,
+                    "the upstream's member key has no address yet; following it once it has"
+                );
+            }
+            missing
+        });
+    }
+
+    /// Renders and reloads the standby configuration once the upstream that had no address
+    /// when PostgreSQL was configured has one (else the replica would wait for WAL forever
+    /// without a `primary_conninfo`, while the core believes it follows).
+    pub(super) fn render_pending_upstream(&mut self) {
+        if !self.upstream_unrendered {
+            return;
+        }
+        // Never a primary: a node promoted meanwhile keeps its configuration.
+        let primary = self.last_sql().is_some_and(|s| !s.in_recovery);
+        let Some(m) = self.upstream.clone().filter(|_| !primary) else {
+            self.upstream_unrendered = false;
+            return;
+        };
+        if self.standby_of(&m).is_none() {
+            return;
+        }
+        self.upstream_unrendered = false;
+        match self.render(true).and_then(|()| self.reload_pg()) {
+            Ok(()) => tracing::info!(upstream = %m, "following, now that its address is known"),
+            Err(e) => {
+                self.upstream_unrendered = true;
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "rendering the standby configuration failed"
+                );
+            }
+        }
     }
 
     fn standby_of(&self, member: &str) -> Option<StandbyOf> {

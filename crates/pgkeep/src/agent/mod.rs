@@ -65,6 +65,9 @@ struct Shell {
     busy: Option<Busy>,
     rewind_failed: bool,
     upstream: Option<String>,
+    /// The upstream's member key had no address when PostgreSQL was configured to follow it
+    /// (its lease had expired with etcd, say): the configuration is rendered again once it has.
+    upstream_unrendered: bool,
     sync_names: SyncStandbyNames,
     postmaster_seen: Option<(i32, Millis)>,
     /// The highest timeline the running standby (by postmaster PID) was seen on.
@@ -263,6 +266,7 @@ impl Shell {
             tracing::warn!("the lease deadline passed without a renewal");
             self.expiry_warned = Some(l);
         }
+        self.render_pending_upstream();
         let mut rounds = 0;
         loop {
             let pg = self.observe_pg().await;
@@ -500,6 +504,7 @@ pub async fn run(config_path: &Path, log_format: Option<crate::config::LogFormat
         busy: None,
         rewind_failed: false,
         upstream: None,
+        upstream_unrendered: false,
         sync_names: SyncStandbyNames::default(),
         postmaster_seen: None,
         standby_tli_seen: None,

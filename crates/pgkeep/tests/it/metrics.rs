@@ -162,6 +162,14 @@ fn metrics_follow_patroni_names_and_need_authentication() {
         c.primary() == Some(r)
     })
     .unwrap();
+    // The metrics show the agent's last observation: PostgreSQL may answer as a primary a
+    // cycle before its agent has published it.
+    c.wait(
+        "the candidate's metrics say primary",
+        Duration::from_secs(10),
+        |_| one(&samples(&scrape(r)), "patroni_primary") == 1.0,
+    )
+    .unwrap();
     let rm = samples(&scrape(r));
     assert_eq!(one(&rm, "patroni_primary"), 1.0);
     assert_eq!(

@@ -193,6 +193,11 @@ impl Bed {
         let _ = std::fs::create_dir_all(&dir);
         for (i, a) in self.c.agents.iter().enumerate() {
             let _ = std::fs::write(dir.join(format!("{}.log", a.node.name)), self.agent_log(i));
+            // PostgreSQL's own log says why a replica does not stream.
+            let pg_log = a.node.dir.join("conf/postgresql.log");
+            if let Ok(text) = std::fs::read(&pg_log) {
+                let _ = std::fs::write(dir.join(format!("{}-postgresql.log", a.node.name)), text);
+            }
         }
         eprintln!("agent logs saved in {}", dir.display());
     }
