@@ -7,7 +7,7 @@
 //! domain: demo.internal          # host names are <name>.<domain>
 //! organisation_ca: {cert: /etc/org/ca.crt, key: /etc/org/ca.key}   # optional
 //! database_hosts:
-//!   - {name: node1, address: 127.42.0.11, pg_port: 25433, api_port: 28443}
+//!   - {name: node1, address: 127.42.0.11, pg_port: 25433, api_port: 28443, pgbackrest_port: 28453}
 //! etcd_hosts:
 //!   - {name: etcd1, address: 127.42.0.21, client_port: 22379, peer_port: 22380}
 //! backup_host: {name: backup, address: 127.42.0.31, port: 28432}
@@ -34,6 +34,11 @@ pub struct DbHost {
     pub pg_port: u16,
     /// REST API port.
     pub api_port: u16,
+    /// Port of the node's `pgbackrest server` (the repository host starts backups through
+    /// it); needed when the inventory has a backup host (`pgkeep up` adds one to an
+    /// environment written before it had one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgbackrest_port: Option<u16>,
 }
 
 /// An etcd member.
@@ -213,7 +218,10 @@ impl Inventory {
             check_host(
                 format!("database_hosts[{i}]"),
                 &h.name,
-                vec![(h.address, h.pg_port), (h.address, h.api_port)],
+                [(h.address, h.pg_port), (h.address, h.api_port)]
+                    .into_iter()
+                    .chain(h.pgbackrest_port.map(|p| (h.address, p)))
+                    .collect(),
             )?;
         }
         for (i, h) in self.etcd_hosts.iter().enumerate() {
@@ -275,6 +283,7 @@ pub(crate) fn test_inventory() -> Inventory {
                 address: format!("127.42.5.1{i}").parse().unwrap(),
                 pg_port: 25430 + i,
                 api_port: 28440 + i,
+                pgbackrest_port: None,
             })
             .collect(),
         etcd_hosts: vec![EtcdHost {
@@ -309,6 +318,7 @@ mod tests {
                     address: format!("127.42.0.1{i}").parse().unwrap(),
                     pg_port: 25433,
                     api_port: 28443,
+                    pgbackrest_port: None,
                 })
                 .collect(),
             etcd_hosts: vec![EtcdHost {
@@ -351,6 +361,13 @@ mod tests {
         let mut inv = sample();
         inv.load_balancer.as_mut().unwrap().address = "127.42.0.11".parse().unwrap();
         inv.load_balancer.as_mut().unwrap().write_port = 25433;
+        assert!(inv.check(f).unwrap_err().reason.contains("used twice"));
+        let mut inv = sample();
+        for (i, h) in inv.database_hosts.iter_mut().enumerate() {
+            h.pgbackrest_port = Some(28450 + u16::try_from(i).unwrap());
+        }
+        inv.check(f).unwrap();
+        inv.database_hosts[2].pgbackrest_port = Some(28443);
         assert!(inv.check(f).unwrap_err().reason.contains("used twice"));
     }
 }

@@ -38,6 +38,8 @@ enum Command {
     Render(cli::render::RenderArgs),
     /// etcd access control of a local environment: grant a user a scope's keys.
     Etcd(cli::etcd::EtcdArgs),
+    /// Backups with pgBackRest: run, list, check, verify.
+    Backup(cli::backup::BackupArgs),
     /// The fence guard the agent starts beside itself (not for direct use).
     #[command(hide = true)]
     FenceGuard {
@@ -77,6 +79,7 @@ fn main() -> std::process::ExitCode {
         Command::Ctl(a) => cli::ctl::run(a),
         Command::Render(a) => cli::render::run(a),
         Command::Etcd(a) => cli::etcd::run(a),
+        Command::Backup(a) => cli::backup::run(a),
         Command::FenceGuard {
             state,
             config_dir,

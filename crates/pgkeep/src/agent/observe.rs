@@ -128,6 +128,7 @@ impl Shell {
                         }
                         self.promote_requested = false;
                     }
+                    self.note_archiver(sql.archiver.as_ref());
                     self.last_sql = Some(sql);
                 }
                 // Accepting connections per the pid file but not answering (or too slowly): a
@@ -343,8 +344,45 @@ impl Shell {
                 .promote_checkpoint
                 .as_ref()
                 .map(|done| done.load(std::sync::atomic::Ordering::SeqCst)),
-            other: insecure_field(&self.cfg.insecure),
+            other: self.published_fields(),
             ..Default::default()
+        }
+    }
+
+    /// pgkeep's own fields of the member key and the status JSON: the insecure overrides in
+    /// force and, on a primary, its archiving health.
+    pub(super) fn published_fields(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        use crate::api::archive::{ARCHIVE_FIELD, ArchiveHealth};
+        let mut out = insecure_field(&self.cfg.insecure);
+        let health = self
+            .last_sql
+            .as_ref()
+            .and_then(|q| q.archiver.as_ref())
+            .and_then(ArchiveHealth::from_stats)
+            .and_then(|h| serde_json::to_value(h).ok());
+        if let Some(h) = health {
+            out.insert(ARCHIVE_FIELD.to_owned(), h);
+        }
+        out
+    }
+
+    /// Logs a change of archiving health (see [`crate::api::archive::event`]).
+    fn note_archiver(&self, now: Option<&crate::api::metrics::ArchiverStats>) {
+        use crate::api::archive::{ArchiveEvent, event};
+        let Some(now) = now else { return };
+        let prev = self.last_sql.as_ref().and_then(|q| q.archiver.as_ref());
+        match event(prev, now) {
+            Some(ArchiveEvent::Failed { wal, failures }) => tracing::warn!(
+                wal = %wal,
+                failures,
+                "WAL archiving is failing: {wal} could not be archived ({failures} failures \
+                 since the statistics were reset); WAL accumulates in pg_wal until it succeeds; \
+                 see the archive command's log (pgBackRest: its log-path)"
+            ),
+            Some(ArchiveEvent::Recovered { wal }) => {
+                tracing::info!(wal = %wal, "WAL archiving works again: {wal} archived");
+            }
+            None => {}
         }
     }
 

@@ -82,8 +82,7 @@ impl Shell {
         }
         s.database_system_identifier = self.controldata().map(|c| c.system_identifier.clone());
         s.tags = self.cfg.tags.clone();
-        s.other
-            .extend(super::observe::insecure_field(&self.cfg.insecure));
+        s.other.extend(self.published_fields());
         s.pause = self.ha.pause;
         s.cluster_unlocked = snap.view.leader.is_none();
         let sync = snap.view.sync.as_ref().map(|v| &v.value);

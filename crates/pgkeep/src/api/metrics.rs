@@ -93,6 +93,10 @@ pub struct ArchiverStats {
     pub last_archived_ms: Option<i64>,
     /// Last failure (milliseconds since the epoch).
     pub last_failed_ms: Option<i64>,
+    /// The last WAL file archived.
+    pub last_archived_wal: Option<String>,
+    /// The WAL file of the last failure.
+    pub last_failed_wal: Option<String>,
 }
 
 #[derive(Debug, Default)]

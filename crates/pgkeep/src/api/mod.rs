@@ -88,6 +88,7 @@
 //! - `POST /restart` does not schedule restarts (`schedule` → 400) and takes `timeout` as the
 //!   bound of its wait; `DELETE /restart` therefore always answers 404.
 
+pub mod archive;
 pub mod auth;
 pub mod client;
 pub mod control;

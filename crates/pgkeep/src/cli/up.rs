@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! pgkeep up   [--dir D] [--cluster NAME] [--ca-cert FILE --ca-key FILE] [--timeout SECS]
-//!             [--no-agents] [--no-haproxy]
+//!             [--no-agents] [--no-haproxy] [--no-backup]
 //! pgkeep down [--dir D] [--purge] [--timeout SECS]
 //! ```
 
@@ -44,6 +44,9 @@ pub struct UpArgs {
     /// Do not start HAProxy (the write and read ports in front of the agents).
     #[arg(long)]
     pub no_haproxy: bool,
+    /// A new environment without a pgBackRest repository host (no archiving, no backups).
+    #[arg(long)]
+    pub no_backup: bool,
 }
 
 /// `pgkeep down`.
@@ -69,6 +72,7 @@ pub fn run_up(a: UpArgs) -> Result<()> {
         timeout: Duration::from_secs(a.timeout),
         agents: !a.no_agents,
         haproxy: !a.no_haproxy,
+        backup: !a.no_backup,
     })
 }
 

@@ -163,17 +163,19 @@ impl Target {
     }
 }
 
-/// Every certificate of the environment (HAProxy's only when its user is given): per node its
-/// PostgreSQL and REST API server certificates and its REST API, etcd, replication and rewind
-/// client certificates; per etcd member its server/peer certificate; HAProxy's client
-/// certificate; the operator's REST API and etcd client certificates, etcd's root certificate
-/// and patronictl's gateway certificate.
+/// Every certificate of the environment (HAProxy's and pgBackRest's only when their users are
+/// given): per node its PostgreSQL, REST API and pgBackRest server certificates and its REST
+/// API, etcd, replication, rewind and pgBackRest client certificates; per etcd member its
+/// server/peer certificate; HAProxy's client certificate; the repository host's pgBackRest
+/// server and client certificates; the operator's REST API and etcd client certificates, etcd's
+/// root certificate and patronictl's gateway certificate.
 pub fn targets(
     layout: &Layout,
     inv: &Inventory,
     postgres: &ServiceUser,
     etcd: &ServiceUser,
     haproxy: Option<&ServiceUser>,
+    pgbackrest: Option<&ServiceUser>,
 ) -> Vec<Target> {
     let mut out = Vec::new();
     let none = || (Vec::new(), Vec::new());
@@ -191,7 +193,14 @@ pub fn targets(
             owner: Some(postgres.clone()),
         };
         out.push(target(Service::Postgres, (pg_names, vec![h.address])));
-        out.push(target(Service::RestApi, (vec![fqdn], vec![h.address])));
+        out.push(target(
+            Service::RestApi,
+            (vec![fqdn.clone()], vec![h.address]),
+        ));
+        if pgbackrest.is_some() && inv.backup_host.is_some() {
+            out.push(target(Service::PgBackRest, (vec![fqdn], vec![h.address])));
+            out.push(target(Service::PgBackRestClient, none()));
+        }
         for svc in [
             Service::RestApiClient,
             Service::EtcdClient,
@@ -219,6 +228,24 @@ pub fn targets(
             owner: Some(user.clone()),
         });
     }
+    if let (Some(user), Some(b)) = (pgbackrest, &inv.backup_host) {
+        let dir = super::backup::backup_dir(layout).join("tls");
+        for (service, sans) in [
+            (
+                Service::PgBackRest,
+                (vec![inv.fqdn(&b.name)], vec![b.address]),
+            ),
+            (Service::PgBackRestClient, none()),
+        ] {
+            out.push(Target {
+                service,
+                name: b.name.clone(),
+                dir: dir.clone(),
+                sans,
+                owner: Some(user.clone()),
+            });
+        }
+    }
     for (service, name) in [
         (Service::Operator, OPERATOR_NAME),
         (Service::EtcdClient, OPERATOR_ETCD_NAME),
@@ -236,14 +263,15 @@ pub fn targets(
     out
 }
 
-/// Issues every certificate of the environment that does not exist yet (HAProxy's only when
-/// its user is given).
+/// Issues every certificate of the environment that does not exist yet (HAProxy's and
+/// pgBackRest's only when their users are given).
 pub fn issue_all(
     layout: &Layout,
     inv: &Inventory,
     postgres: &ServiceUser,
     etcd: &ServiceUser,
     haproxy: Option<&ServiceUser>,
+    pgbackrest: Option<&ServiceUser>,
 ) -> Result<()> {
     let ca = ca(layout, inv)?;
     for h in &inv.database_hosts {
@@ -261,7 +289,12 @@ pub fn issue_all(
         };
         super::files::dir(&layout.haproxy_dir(), 0o750, Some(&owner))?;
     }
-    for t in targets(layout, inv, postgres, etcd, haproxy) {
+    if let (Some(user), Some(_)) = (pgbackrest, &inv.backup_host) {
+        let base = super::backup::backup_dir(layout);
+        super::files::dir(&base, 0o750, Some(user))?;
+        super::files::dir(&base.join("tls"), 0o700, Some(user))?;
+    }
+    for t in targets(layout, inv, postgres, etcd, haproxy, pgbackrest) {
         ensure(&ca, &t)?;
     }
     Ok(())

@@ -3,7 +3,8 @@
 //! Order: HAProxy first (clients lose their way in before the servers go), then the replicas'
 //! agents (each stops its PostgreSQL and exits on SIGTERM), then the
 //! leader's (nobody is left to promote, so the leader key is released, not taken over), then
-//! any postmaster an agent left behind (fast shutdown), then the etcd members. Every PID is
+//! any postmaster an agent left behind (fast shutdown), then pgBackRest (servers and any
+//! asynchronous archiver still running), then the etcd members. Every PID is
 //! checked against `/proc/<pid>/cmdline` before it is signalled; nothing is matched by name.
 
 use std::path::Path;
@@ -14,7 +15,7 @@ use nix::sys::signal::Signal;
 
 use super::spawn::{self, Identity};
 use super::up::{Steps, agent_identity};
-use super::{Layout, etcd, haproxy, hosts};
+use super::{Layout, backup, etcd, haproxy, hosts};
 use crate::dcs::{Dcs, EtcdDcs};
 use crate::inventory::Inventory;
 
@@ -41,7 +42,7 @@ pub fn down(opts: &DownOptions) -> Result<()> {
         return without_inventory(&layout, opts.purge);
     }
     let inv = Inventory::load(&inv_file)?;
-    let mut steps = Steps::new(if opts.purge { 5 } else { 4 });
+    let mut steps = Steps::new(if opts.purge { 6 } else { 5 });
     let leader = steps.run("finding the leader", || {
         let leader = current_leader(&layout, &inv);
         match &leader {
@@ -81,6 +82,15 @@ pub fn down(opts: &DownOptions) -> Result<()> {
         }
         for h in &inv.database_hosts {
             stop_postmaster(&layout, &h.name)?;
+        }
+        Ok(())
+    })?;
+    steps.run("stopping pgBackRest", || {
+        if !backup::stop_all(&layout, &inv, Duration::from_secs(15))? {
+            bail!(
+                "a pgBackRest process still runs; see {}",
+                layout.logs().display()
+            );
         }
         Ok(())
     })?;

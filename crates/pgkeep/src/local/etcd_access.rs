@@ -238,7 +238,7 @@ mod tests {
         // The CNs the environment's certificates carry are exactly these user names.
         let layout = Layout::new(Path::new("/d")).unwrap();
         let pg = super::super::ServiceUser::root();
-        let cns: Vec<String> = certs::targets(&layout, &inv, &pg, &pg, Some(&pg))
+        let cns: Vec<String> = certs::targets(&layout, &inv, &pg, &pg, Some(&pg), Some(&pg))
             .iter()
             .map(|t| t.request(1).unwrap().common_name)
             .filter(|cn| crate::pki::is_etcd_identity(cn))

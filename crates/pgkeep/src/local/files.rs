@@ -126,7 +126,7 @@ fn etcd_section(inv: &Inventory, ca: &Path, client: &certs::Pair) -> Value {
 }
 
 /// The node's configuration (Patroni's `patroni.yml` structure) as a JSON value.
-pub fn node_config(layout: &Layout, inv: &Inventory, h: &DbHost) -> Value {
+pub fn node_config(layout: &Layout, inv: &Inventory, h: &DbHost) -> Result<Value> {
     let n = &h.name;
     let fqdn = inv.fqdn(n);
     let tls = node_tls(layout, n);
@@ -143,7 +143,21 @@ pub fn node_config(layout: &Layout, inv: &Inventory, h: &DbHost) -> Value {
         "password_file": s(&layout.node_dir(n).join("secrets/restapi.pw")),
     });
     let role = |user: &str, p: &certs::Pair| json!({"username": user, "sslcert": s(&p.cert), "sslkey": s(&p.key), "sslrootcert": ca});
-    json!({
+    let mut parameters = json!({
+        "ssl_cert_file": s(&pg.cert),
+        "ssl_key_file": s(&pg.key),
+        "ssl_ca_file": ca,
+        "unix_socket_directories": s(&layout.socket_dir(n)),
+        "archive_mode": "off",
+    });
+    if inv.backup_host.is_some() {
+        let (archive, restore) = super::backup::wal_commands(layout, inv, n)?;
+        // `on`, not `always`: pgBackRest refuses `always` (check and backup fail with [067]).
+        parameters["archive_mode"] = json!("on");
+        parameters["archive_command"] = json!(archive);
+        parameters["restore_command"] = json!(restore);
+    }
+    Ok(json!({
         "scope": inv.cluster,
         "namespace": inv.namespace,
         "name": n,
@@ -185,19 +199,13 @@ pub fn node_config(layout: &Layout, inv: &Inventory, h: &DbHost) -> Value {
                 "replication": role("replicator", &repl),
                 "rewind": role("rewind_user", &rewind),
             },
-            "parameters": {
-                "ssl_cert_file": s(&pg.cert),
-                "ssl_key_file": s(&pg.key),
-                "ssl_ca_file": ca,
-                "unix_socket_directories": s(&layout.socket_dir(n)),
-                "archive_mode": "off",
-            },
+            "parameters": parameters,
             "use_pg_rewind": true,
         },
         // A local environment never arms a hardware watchdog: a missed ping reboots the machine.
         "watchdog": {"mode": "off"},
         "log": {"level": "info"},
-    })
+    }))
 }
 
 /// YAML of `v` after `header`, top-level keys in Patroni's usual order (nested keys sorted).
@@ -239,7 +247,7 @@ pub fn node_files(layout: &Layout, inv: &Inventory, pg: &ServiceUser) -> Result<
             h.name,
             layout.dir.display()
         );
-        let text = yaml(&header, &node_config(layout, inv, h))?;
+        let text = yaml(&header, &node_config(layout, inv, h)?)?;
         // root:postgres 0640: the agent reads its configuration but cannot change it.
         let owner = ServiceUser {
             name: "root".into(),
@@ -418,7 +426,7 @@ mod tests {
     fn node_config_is_a_valid_pgkeep_config() {
         let layout = Layout::new(Path::new("/var/lib/pgkeep-demo")).unwrap();
         let inv = inv();
-        let v = node_config(&layout, &inv, &inv.database_hosts[1]);
+        let v = node_config(&layout, &inv, &inv.database_hosts[1]).unwrap();
         let text = yaml("# x\n", &v).unwrap();
         assert!(text.contains("node2.demo.internal:28442"), "{text}");
         // Parse without touching the password files: swap them for inline secrets.

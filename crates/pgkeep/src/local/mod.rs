@@ -20,13 +20,16 @@
 //!                         run/haproxy/ (0700 haproxy) HAProxy's stats socket and state file
 //!   haproxy/              0750 root:haproxy: haproxy.cfg (0640), its client certificate
 //!   etcd/<m>/             0700 etcd: data/ and the member's certificates
-//!   nodes/<n>/            0700 postgres: node.yml, tls/, secrets/, conf/, data/
+//!   nodes/<n>/            0700 postgres: node.yml, tls/, secrets/, conf/, data/,
+//!                         pgbackrest/ (the node's pgBackRest files)
+//!   backup/               the pgBackRest repository host (see [`backup`])
 //! ```
 //!
-//! Processes run as their service users (`etcd`, `postgres`, `haproxy`) through `setsid` and `setpriv`,
+//! Processes run as their service users (`etcd`, `postgres`, `haproxy`, `pgbackrest`) through `setsid` and `setpriv`,
 //! which exec without forking, so the recorded PID is the service's own. A PID is trusted only
 //! when `/proc/<pid>/cmdline` names the expected program and this directory.
 
+pub mod backup;
 pub mod certs;
 pub mod down;
 pub mod etcd;

@@ -75,15 +75,20 @@ pub fn rotate(opts: &RotateOptions) -> Result<()> {
     } else {
         None
     };
+    let pgbr_user = match &inv.backup_host {
+        Some(_) => Some(ServiceUser::lookup(super::backup::PGBACKREST_USER)?),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     println!("pgkeep pki rotate: {}", layout.dir.display());
-    let mut steps = super::up::Steps::new(4);
+    let mut steps = super::up::Steps::new(5);
 
     let rotated = steps.run("new certificates and keys", || {
-        issue(&layout, &inv, &pg, &etcd_user, haproxy_user.as_ref(), opts)
+        let users = (&pg, &etcd_user, haproxy_user.as_ref(), pgbr_user.as_ref());
+        issue(&layout, &inv, users, opts)
     })?;
     let serial_of = |svc: Service, name: &str| {
         rotated
@@ -148,6 +153,13 @@ pub fn rotate(opts: &RotateOptions) -> Result<()> {
         }
         Ok(())
     })?;
+    steps.run("pgBackRest servers", || {
+        let Some(user) = &pgbr_user else {
+            println!("      no pgBackRest repository in this environment");
+            return Ok(());
+        };
+        rotate_pgbackrest(&layout, &inv, &pg, user, &serial_of, opts.timeout)
+    })?;
     steps.run("HAProxy", || {
         let (Some(user), Some(lb)) = (&haproxy_user, &inv.load_balancer) else {
             println!("      no HAProxy in this environment");
@@ -196,19 +208,92 @@ fn load_balancer_name(inv: &Inventory) -> String {
         .map_or_else(|| "lb".to_owned(), |l| l.name.clone())
 }
 
+/// postgres, etcd, HAProxy's and pgBackRest's users.
+type Users<'a> = (
+    &'a ServiceUser,
+    &'a ServiceUser,
+    Option<&'a ServiceUser>,
+    Option<&'a ServiceUser>,
+);
+
+/// pgBackRest reads its server certificate when the server starts: each `pgbackrest server`
+/// whose certificate changed is restarted (it keeps no state; an asynchronous `archive-push`
+/// in flight retries, and the WAL stays queued in the spool meanwhile) and must then present
+/// the new one. Client certificates are files each command reads: writing them is enough.
+fn rotate_pgbackrest(
+    layout: &Layout,
+    inv: &Inventory,
+    pg: &ServiceUser,
+    pgbr: &ServiceUser,
+    serial_of: &dyn Fn(Service, &str) -> Option<String>,
+    timeout: Duration,
+) -> Result<()> {
+    let mut hosts: Vec<(String, Listener)> = inv
+        .database_hosts
+        .iter()
+        .filter_map(|h| {
+            let port = h.pgbackrest_port?;
+            Some((h.name.clone(), (h.address, port, inv.fqdn(&h.name))))
+        })
+        .map(|(n, (a, p, fqdn))| {
+            let l = Listener {
+                addr: (a, p).into(),
+                server_name: fqdn,
+                postgres: false,
+            };
+            (n, l)
+        })
+        .collect();
+    if let Some(b) = &inv.backup_host {
+        hosts.push((
+            b.name.clone(),
+            Listener {
+                addr: (b.address, b.port).into(),
+                server_name: inv.fqdn(&b.name),
+                postgres: false,
+            },
+        ));
+    }
+    let specs = super::backup::server_specs(layout, inv, pg, pgbr);
+    for (name, l) in hosts {
+        let Some(new) = serial_of(Service::PgBackRest, &name) else {
+            continue;
+        };
+        let Some(spec) = specs
+            .iter()
+            .find(|s| s.name == format!("{name}-pgbackrest"))
+        else {
+            continue;
+        };
+        if let Some(pid) = spawn::running(&spec.pid_file, &spec.identity) {
+            if !spawn::stop(pid, &spec.identity, Signal::SIGTERM, timeout)? {
+                bail!("{} (pid {pid}) did not stop", spec.name);
+            }
+            spawn::start(spec)?;
+            wait_presented(layout, &l, &new, timeout)
+                .with_context(|| format!("{} after a restart", spec.name))?;
+            println!("      {}: restarted, presents {new}", spec.name);
+        } else {
+            println!(
+                "      {}: not running; it uses the new certificate when it starts",
+                spec.name
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Issues every selected certificate, then writes them all.
 fn issue(
     layout: &Layout,
     inv: &Inventory,
-    pg: &ServiceUser,
-    etcd_user: &ServiceUser,
-    haproxy_user: Option<&ServiceUser>,
+    (pg, etcd_user, haproxy_user, pgbr_user): Users<'_>,
     opts: &RotateOptions,
 ) -> Result<Vec<Rotated>> {
     let ca = certs::ca(layout, inv)?;
     let (days, shortened) = pki::rotate::leaf_days(opts.days, ca.not_after());
     let wanted: HashSet<Service> = opts.services.iter().copied().collect();
-    let targets: Vec<Target> = certs::targets(layout, inv, pg, etcd_user, haproxy_user)
+    let targets: Vec<Target> = certs::targets(layout, inv, pg, etcd_user, haproxy_user, pgbr_user)
         .into_iter()
         .filter(|t| wanted.is_empty() || wanted.contains(&t.service))
         .collect();

@@ -18,8 +18,8 @@ use anyhow::{Context, Result, bail};
 use super::health::{self, Healthy};
 use super::spawn::{self, Identity, Spec};
 use super::{
-    BOOTSTRAP_MARKER, Layout, ServiceUser, address, certs, etcd, etcd_access, files, haproxy,
-    hosts, s,
+    BOOTSTRAP_MARKER, Layout, ServiceUser, address, backup, certs, etcd, etcd_access, files,
+    haproxy, hosts, s,
 };
 use crate::inventory::{BackupHost, DbHost, EtcdHost, Inventory, LoadBalancer, OrganisationCa};
 
@@ -52,6 +52,9 @@ pub struct UpOptions {
     pub agents: bool,
     /// Start HAProxy in front of the agents (needs `agents`).
     pub haproxy: bool,
+    /// A new environment gets a pgBackRest repository host (an existing one keeps what its
+    /// inventory says).
+    pub backup: bool,
 }
 
 /// Numbered progress lines; a failing step's error names the step.
@@ -89,38 +92,52 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         .context("starting the async runtime")?;
     println!("pgkeep up: {}", layout.dir.display());
     let with_haproxy = opts.agents && opts.haproxy;
-    let total = match (opts.agents, with_haproxy) {
-        (false, _) => 6,
-        (true, false) => 9,
-        (true, true) => 10,
-    };
+    let first = !layout.inventory().exists();
+    let with_backup = opts.agents
+        && if first {
+            opts.backup
+        } else {
+            Inventory::load(&layout.inventory())?.backup_host.is_some()
+        };
+    let total = 6
+        + if opts.agents { 3 } else { 0 }
+        + usize::from(with_haproxy)
+        + 2 * usize::from(with_backup);
     let mut steps = Steps::new(total);
 
-    let (pg, etcd_user, haproxy_user) = steps
+    let (pg, etcd_user, haproxy_user, pgbr_user) = steps
         .run("checking prerequisites and service users", || {
             prerequisites(with_haproxy)
         })?;
-    let first = !layout.inventory().exists();
     let inv = steps.run("preparing the directory and the inventory", || {
-        let mut users = vec![&pg, &etcd_user];
+        let mut users = vec![&pg, &etcd_user, &pgbr_user];
         users.extend(haproxy_user.as_ref());
         check_traversable(&layout, &users)?;
         if first {
             new_inventory(&layout, opts)
         } else {
-            let inv = Inventory::load(&layout.inventory())?;
+            let mut inv = Inventory::load(&layout.inventory())?;
             println!("      existing environment: cluster {}", inv.cluster);
             if opts.cluster.as_ref().is_some_and(|c| *c != inv.cluster)
                 || opts.organisation_ca.is_some()
             {
                 println!("      (--cluster and --ca-cert apply to a new environment only)");
             }
+            add_pgbackrest_ports(&layout, &mut inv)?;
             Ok(inv)
         }
     })?;
     steps.run("certificates and configuration files", || {
         files::skeleton(&layout, &inv, &pg, &etcd_user)?;
-        certs::issue_all(&layout, &inv, &pg, &etcd_user, haproxy_user.as_ref())?;
+        certs::issue_all(
+            &layout,
+            &inv,
+            &pg,
+            &etcd_user,
+            haproxy_user.as_ref(),
+            Some(&pgbr_user),
+        )?;
+        backup::write_files(&layout, &inv, &pg, &pgbr_user)?;
         files::node_files(&layout, &inv, &pg)?;
         files::operator_files(&layout, &inv)?;
         for h in &inv.database_hosts {
@@ -165,6 +182,14 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         );
         return Ok(());
     }
+    if with_backup {
+        steps.run("pgBackRest servers (repository host and nodes)", || {
+            for spec in &backup::server_specs(&layout, &inv, &pg, &pgbr_user) {
+                ensure_running(spec)?;
+            }
+            Ok(())
+        })?;
+    }
     steps.run("agents", || {
         let exe = agent_binary(&layout, &pg)?;
         for h in &inv.database_hosts {
@@ -187,6 +212,16 @@ pub fn up(opts: &UpOptions) -> Result<()> {
             .context("the leader is not in the inventory")?;
         rt.block_on(health::ensure_roles(&layout, leader, &pg))
     })?;
+    if with_backup {
+        steps.run("pgBackRest stanza and archive check", || {
+            backup::ensure_stanza(&layout, &inv)?;
+            println!(
+                "      stanza {} created; WAL from the primary reaches the repository",
+                inv.cluster
+            );
+            Ok(())
+        })?;
+    }
     if let Some(user) = &haproxy_user {
         steps.run("HAProxy (write and read ports)", || {
             let changed = haproxy::write_files(&layout, &inv, user)?;
@@ -205,7 +240,37 @@ pub fn up(opts: &UpOptions) -> Result<()> {
     Ok(())
 }
 
-fn prerequisites(with_haproxy: bool) -> Result<(ServiceUser, ServiceUser, Option<ServiceUser>)> {
+/// An environment written before pgBackRest was part of `up` has a backup host but no
+/// node-side pgBackRest ports: they are allocated and the inventory saved.
+fn add_pgbackrest_ports(layout: &Layout, inv: &mut Inventory) -> Result<()> {
+    if inv.backup_host.is_none()
+        || inv
+            .database_hosts
+            .iter()
+            .all(|h| h.pgbackrest_port.is_some())
+    {
+        return Ok(());
+    }
+    let mut taken: BTreeSet<u16> = inv
+        .database_hosts
+        .iter()
+        .flat_map(|h| [h.pg_port, h.api_port])
+        .collect();
+    for h in &mut inv.database_hosts {
+        if h.pgbackrest_port.is_none() {
+            h.pgbackrest_port = Some(alloc_port(h.address, &mut taken)?);
+        }
+    }
+    inv.check(&layout.inventory())?;
+    inv.save(&layout.inventory())
+        .with_context(|| format!("writing {}", layout.inventory().display()))?;
+    println!("      added pgBackRest ports to the inventory");
+    Ok(())
+}
+
+type Users = (ServiceUser, ServiceUser, Option<ServiceUser>, ServiceUser);
+
+fn prerequisites(with_haproxy: bool) -> Result<Users> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "pgkeep up must run as root (it edits /etc/hosts and starts services as their users)"
@@ -219,6 +284,7 @@ fn prerequisites(with_haproxy: bool) -> Result<(ServiceUser, ServiceUser, Option
     }
     for p in [
         super::ETCD_BIN,
+        backup::PGBACKREST_BIN,
         "/usr/bin/setpriv",
         "/usr/bin/setsid",
         &format!("{}/postgres", super::PG_BIN_DIR),
@@ -248,7 +314,8 @@ fn prerequisites(with_haproxy: bool) -> Result<(ServiceUser, ServiceUser, Option
         }
         println!("      created the system user pgbackrest");
     }
-    Ok((pg, etcd, haproxy))
+    let pgbr = ServiceUser::lookup(backup::PGBACKREST_USER)?;
+    Ok((pg, etcd, haproxy, pgbr))
 }
 
 /// Every directory from `/` down to `D` (those that exist) must be searchable by each service
@@ -324,6 +391,7 @@ fn new_inventory(layout: &Layout, opts: &UpOptions) -> Result<Inventory> {
                 address: a,
                 pg_port: port(a)?,
                 api_port: port(a)?,
+                pgbackrest_port: if opts.backup { Some(port(a)?) } else { None },
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -339,11 +407,15 @@ fn new_inventory(layout: &Layout, opts: &UpOptions) -> Result<Inventory> {
         })
         .collect::<Result<Vec<_>>>()?;
     let b = address(net, 31);
-    let backup_host = Some(BackupHost {
-        name: "backup".into(),
-        address: b,
-        port: port(b)?,
-    });
+    let backup_host = if opts.backup {
+        Some(BackupHost {
+            name: "backup".into(),
+            address: b,
+            port: port(b)?,
+        })
+    } else {
+        None
+    };
     let l = address(net, 41);
     let load_balancer = Some(LoadBalancer {
         name: "lb".into(),

@@ -32,6 +32,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+pub mod info;
 #[cfg(test)]
 mod tests;
 
@@ -128,6 +129,9 @@ pub struct PgNode {
     pub pg_port: u16,
     /// PostgreSQL's Unix socket directory.
     pub socket_dir: PathBuf,
+    /// pgBackRest's configuration directory on the node (`pg<k>-host-config-path`): the
+    /// process the node's server starts for the repository host reads its options there.
+    pub config_path: PathBuf,
 }
 
 /// Retention of the repository.
@@ -183,6 +187,10 @@ pub struct NodePlan {
     pub repo_host: String,
     /// The repository host's `pgbackrest server` port.
     pub repo_port: u16,
+    /// pgBackRest's configuration directory on the repository host
+    /// (`repo1-host-config-path`): the process the repository's server starts for this node
+    /// reads the repository's options (path, cipher) there.
+    pub repo_config_path: PathBuf,
     /// The client certificate the node presents to the repository host.
     pub client: TlsFiles,
     /// The node's `pgbackrest server` (client: the repository host's certificate).
@@ -359,6 +367,7 @@ pub fn render_repo(p: &RepoPlan) -> Result<String, PgBackRestError> {
         ini.path(&format!("pg{k}-host-cert-file"), &p.client.cert)?;
         ini.path(&format!("pg{k}-host-key-file"), &p.client.key)?;
         ini.path(&format!("pg{k}-host-ca-file"), &p.client.ca)?;
+        ini.path(&format!("pg{k}-host-config-path"), &n.config_path)?;
         ini.path(&format!("pg{k}-path"), &n.data_dir)?;
         ini.opt(&format!("pg{k}-port"), n.pg_port)?;
         ini.path(&format!("pg{k}-socket-path"), &n.socket_dir)?;
@@ -397,6 +406,7 @@ pub fn render_node(p: &NodePlan) -> Result<String, PgBackRestError> {
     ini.path("repo1-host-cert-file", &p.client.cert)?;
     ini.path("repo1-host-key-file", &p.client.key)?;
     ini.path("repo1-host-ca-file", &p.client.ca)?;
+    ini.path("repo1-host-config-path", &p.repo_config_path)?;
     ini.flag("archive-async", true)?;
     ini.path("spool-path", &p.paths.spool)?;
     ini.opt(
@@ -430,18 +440,18 @@ fn shell_safe(what: &str, p: &Path) -> Result<String, PgBackRestError> {
 }
 
 /// `archive_command` and `restore_command` for a node: pgBackRest with the node's own
-/// configuration file. Rendered into PostgreSQL's local configuration only, never taken from
-/// the DCS.
+/// configuration directory (`--config-path`: its `pgbackrest.conf` and `conf.d`, nothing from
+/// `/etc`). Rendered into PostgreSQL's local configuration only, never taken from the DCS.
 pub fn wal_commands(
     pgbackrest: &Path,
-    config: &Path,
+    config_path: &Path,
     stanza: &str,
 ) -> Result<(String, String), PgBackRestError> {
     check_name("stanza", stanza)?;
     let bin = shell_safe("pgbackrest binary", pgbackrest)?;
-    let conf = shell_safe("pgbackrest config", config)?;
+    let conf = shell_safe("pgbackrest config path", config_path)?;
     Ok((
-        format!("{bin} --config={conf} --stanza={stanza} archive-push %p"),
-        format!("{bin} --config={conf} --stanza={stanza} archive-get %f \"%p\""),
+        format!("{bin} --config-path={conf} --stanza={stanza} archive-push %p"),
+        format!("{bin} --config-path={conf} --stanza={stanza} archive-get %f \"%p\""),
     ))
 }

@@ -26,6 +26,7 @@ fn node(i: u16) -> PgNode {
         data_dir: PathBuf::from(format!("/var/lib/pgkeep/db{i}/data")),
         pg_port: 25430 + i,
         socket_dir: PathBuf::from(format!("/run/pgkeep/db{i}")),
+        config_path: PathBuf::from("/etc/pgkeep/pgbackrest"),
     }
 }
 
@@ -58,6 +59,7 @@ fn node_plan() -> NodePlan {
         pg: node(1),
         repo_host: "backup.pgkeep.test".into(),
         repo_port: 28432,
+        repo_config_path: PathBuf::from("/etc/pgbackrest"),
         client: tls("/etc/pgkeep/db1/tls", "pgbackrest-client-db1"),
         server: Server {
             address: "127.42.0.11".into(),
@@ -83,6 +85,8 @@ fn repository_lets_in_only_the_named_nodes_for_its_stanza_and_encrypts() {
         assert!(l.contains(&format!("tls-server-auth=pgbackrest-client-db{i}=main").as_str()));
         assert!(l.contains(&format!("pg{i}-host=db{i}.pgkeep.test").as_str()));
         assert!(l.contains(&format!("pg{i}-host-type=tls").as_str()));
+        // The node's server starts the repository's remote with the node's own files.
+        assert!(l.contains(&format!("pg{i}-host-config-path=/etc/pgkeep/pgbackrest").as_str()));
     }
     assert!(!text.contains("=*"), "{text}");
     assert!(l.contains(&"repo1-cipher-type=aes-256-cbc"));
@@ -105,6 +109,7 @@ fn node_pushes_to_the_repository_over_tls_and_lets_in_only_the_repository() {
     let l = lines(&text);
     assert!(l.contains(&"repo1-host=backup.pgkeep.test"));
     assert!(l.contains(&"repo1-host-type=tls"));
+    assert!(l.contains(&"repo1-host-config-path=/etc/pgbackrest"));
     assert!(l.contains(&"tls-server-auth=pgbackrest-client-backup=main"));
     assert_eq!(
         l.iter()
@@ -173,17 +178,17 @@ fn unusable_values_are_refused_with_the_option_named() {
 fn wal_commands_use_the_nodes_own_file_and_refuse_shell_syntax() {
     let (archive, restore) = wal_commands(
         Path::new("/usr/bin/pgbackrest"),
-        Path::new("/etc/pgkeep/db1/pgbackrest.conf"),
+        Path::new("/etc/pgkeep/db1/pgbackrest"),
         "main",
     )
     .unwrap();
     assert_eq!(
         archive,
-        "/usr/bin/pgbackrest --config=/etc/pgkeep/db1/pgbackrest.conf --stanza=main archive-push %p"
+        "/usr/bin/pgbackrest --config-path=/etc/pgkeep/db1/pgbackrest --stanza=main archive-push %p"
     );
     assert_eq!(
         restore,
-        "/usr/bin/pgbackrest --config=/etc/pgkeep/db1/pgbackrest.conf --stanza=main archive-get %f \"%p\""
+        "/usr/bin/pgbackrest --config-path=/etc/pgkeep/db1/pgbackrest --stanza=main archive-get %f \"%p\""
     );
     for bad in ["/etc/x;rm -rf /", "/etc/$(id)", "etc/relative", "/etc/a b"] {
         assert!(wal_commands(Path::new("/usr/bin/pgbackrest"), Path::new(bad), "main").is_err());

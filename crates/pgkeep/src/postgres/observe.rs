@@ -134,7 +134,7 @@ SELECT slot_name::text, active, (restart_lsn - '0/0')::bigint, slot_type = 'logi
 
 const ARCHIVER_SQL: &str = "
 SELECT archived_count, failed_count, (extract(epoch FROM last_archived_time) * 1000)::bigint,
-       (extract(epoch FROM last_failed_time) * 1000)::bigint
+       (extract(epoch FROM last_failed_time) * 1000)::bigint, last_archived_wal, last_failed_wal
   FROM pg_stat_archiver";
 
 /// Connects over the Unix socket in `socket_dir` as `user` (peer authentication).
@@ -252,6 +252,8 @@ pub async fn observe(client: &Client) -> Result<LocalPg, PgError> {
                 failed_count: r.get(1),
                 last_archived_ms: r.get(2),
                 last_failed_ms: r.get(3),
+                last_archived_wal: r.get(4),
+                last_failed_wal: r.get(5),
             })
     };
     // A standby's replay timeline has no SQL function in PostgreSQL 15. Each of these is a

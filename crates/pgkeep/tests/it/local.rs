@@ -110,6 +110,16 @@ impl Scenario {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
+        // The logs outlive the environment, for the failure's post-mortem.
+        if let Some(name) = self.dir.file_name() {
+            let keep = Path::new("/tmp/pgkeep-it-logs").join(name);
+            let _ = fs::create_dir_all(&keep);
+            if let Ok(rd) = fs::read_dir(self.dir.join("logs")) {
+                for e in rd.flatten() {
+                    let _ = fs::copy(e.path(), keep.join(e.file_name()));
+                }
+            }
+        }
         let _ = pgkeep(&["down", "--dir", self.d(), "--purge", "--timeout", "30"]);
         // Whatever is still recorded and still ours dies now.
         if let Ok(rd) = fs::read_dir(self.dir.join("run")) {
@@ -430,7 +440,7 @@ fn local_up_brings_a_healthy_cluster_and_down_up_keeps_it() -> Result<()> {
         .map(|i| sc.pid(&format!("node{i}-agent")))
         .collect::<Result<_>>()?;
     let out = sc.up(&[])?;
-    ensure!(out.matches("already running").count() == 6, "{out}");
+    ensure!(out.matches("already running").count() == 10, "{out}");
     let again: Vec<u32> = (1..=3)
         .map(|i| sc.pid(&format!("node{i}-agent")))
         .collect::<Result<_>>()?;

@@ -2,6 +2,7 @@
 
 mod agent;
 mod api;
+mod backup;
 mod callbacks;
 mod clients;
 mod config;

@@ -108,6 +108,24 @@ impl Listeners {
                 false,
                 tls.join(format!("restapi-{}.crt", h.name)),
             ));
+            if let Some(port) = h.pgbackrest_port {
+                list.push((
+                    format!("{} pgbackrest", h.name),
+                    format!("{}:{port}", h.address),
+                    inv.fqdn(&h.name),
+                    false,
+                    tls.join(format!("pgbackrest-{}.crt", h.name)),
+                ));
+            }
+        }
+        if let Some(b) = &inv.backup_host {
+            list.push((
+                format!("{} pgbackrest", b.name),
+                format!("{}:{}", b.address, b.port),
+                inv.fqdn(&b.name),
+                false,
+                dir.join(format!("backup/tls/pgbackrest-{}.crt", b.name)),
+            ));
         }
         for m in &inv.etcd_hosts {
             let crt = dir
@@ -362,9 +380,9 @@ fn rotate_renews_every_certificate_without_failover() -> Result<()> {
     eprintln!(
         "rotate took {took:?}; writer: {oks} writes, errors {errors:?}, longest gap {longest:?}"
     );
-    // 6 per node, 3 etcd members, HAProxy's, the operator's REST and etcd certificates,
-    // etcd's root and patronictl's gateway certificates.
-    ensure!(out.contains("Rotated 26 certificates"), "{out}");
+    // 8 per node, 3 etcd members, HAProxy's, the repository host's two, the operator's REST
+    // and etcd certificates, etcd's root and patronictl's gateway certificates.
+    ensure!(out.contains("Rotated 34 certificates"), "{out}");
     ensure!(
         errors.is_empty(),
         "writes failed during the rotation: {errors:?}"
@@ -381,6 +399,8 @@ fn rotate_renews_every_certificate_without_failover() -> Result<()> {
         ensure!(new == file, "{label} presents {new}, its file holds {file}");
         ensure!(new != old, "{label} still presents {old}");
     }
+    // Archiving goes on through the restarted pgBackRest servers.
+    ok(&["backup", "check", "--dir", sc.d()])?;
     let hx_after = haproxy_serial(&dir, &inv)?;
     let hx_file = file_serial(&dir.join("haproxy/haproxy-lb.crt"))?;
     ensure!(

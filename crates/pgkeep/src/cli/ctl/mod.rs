@@ -173,6 +173,9 @@ pub struct MemberRow {
     /// The member's `insecure:` overrides in force (`pgkeep_insecure` in its key).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub insecure: Vec<String>,
+    /// The primary's archiving health (`pgkeep_archive` in its key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<crate::api::archive::ArchiveHealth>,
 }
 
 /// The rows of `ctl list` for a view of the cluster, sorted by name.
@@ -231,6 +234,10 @@ pub fn rows(view: &ClusterView) -> Vec<MemberRow> {
                             .collect()
                     })
                     .unwrap_or_default(),
+                archive: d
+                    .other
+                    .get(crate::api::archive::ARCHIVE_FIELD)
+                    .and_then(|v| serde_json::from_value(v.clone()).ok()),
             }
         })
         .collect()
@@ -275,6 +282,12 @@ fn table(scope: &str, view: &ClusterView, rows: &[MemberRow]) -> String {
     }
     if rows.is_empty() {
         out.push_str("(no members registered)\n");
+    }
+    // The leader's archiving; a former primary's stale field is not news.
+    for r in rows.iter().filter(|r| r.role == "leader") {
+        if let Some(a) = &r.archive {
+            out.push_str(&format!("Archive {}: {}\n", r.name, a.summary()));
+        }
     }
     for r in rows.iter().filter(|r| !r.insecure.is_empty()) {
         out.push_str(&format!("INSECURE {}: {}\n", r.name, r.insecure.join(", ")));
@@ -449,5 +462,36 @@ mod tests {
         );
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json[0]["insecure"][0], "pgkeep.insecure.plaintext_restapi");
+    }
+
+    #[test]
+    fn the_leaders_archiving_is_shown_under_the_table() {
+        let mut view = ClusterView {
+            leader: Some(LeaderKey {
+                name: "node1".into(),
+                lease: 1,
+                mod_revision: 1,
+            }),
+            ..ClusterView::default()
+        };
+        let health = serde_json::json!({"archived_count": 7, "failed_count": 2,
+            "last_archived_wal": "000000010000000000000007", "failing": true,
+            "last_failed_wal": "000000010000000000000008",
+            "last_failed_time": "2026-11-29T23:40:00Z"});
+        let mut m = member("primary", "running", 900, None);
+        m.data.other.insert("pgkeep_archive".into(), health.clone());
+        view.members.insert("node1".into(), m);
+        // A former primary's field is stale: not shown.
+        let mut old = member("replica", "running", 800, Some("streaming"));
+        old.data.other.insert("pgkeep_archive".into(), health);
+        view.members.insert("node2".into(), old);
+        let r = rows(&view);
+        assert!(r[0].archive.as_ref().is_some_and(|a| a.failing));
+        let t = table("demo", &view, &r);
+        assert!(
+            t.contains("Archive node1: FAILING: 000000010000000000000008 at 2026-11-29T23:40:00Z"),
+            "{t}"
+        );
+        assert!(!t.contains("Archive node2"), "{t}");
     }
 }

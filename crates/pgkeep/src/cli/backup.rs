@@ -1,0 +1,212 @@
+//! `pgkeep backup`: backups of a local environment, run on its repository host.
+//!
+//! ```text
+//! pgkeep backup run    [--dir D] [--type full|diff|incr]
+//! pgkeep backup list   [--dir D] [--format table|json]
+//! pgkeep backup check  [--dir D]
+//! pgkeep backup verify [--dir D]
+//! ```
+//!
+//! With a repository host, pgBackRest starts backups there only (it refuses elsewhere), so
+//! every command runs `pgbackrest` as the `pgbackrest` OS user with the repository host's
+//! configuration (`D/backup/conf`); it finds the primary itself among `pg1`…`pgN` and, with
+//! `backup-standby`, copies the files from a replica.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::cli::up::DEFAULT_DIR;
+use crate::inventory::Inventory;
+use crate::local::{Layout, backup};
+use crate::pgbackrest::info::{self, Stanza};
+
+/// `pgkeep backup ...`
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: BackupCommand,
+}
+
+/// The `pgkeep backup` commands.
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Take a backup now.
+    Run {
+        /// Environment directory.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Backup type: full copies everything, diff what changed since the last full, incr
+        /// what changed since the last backup of any type.
+        #[arg(long = "type", value_enum, default_value_t = Kind::Full)]
+        kind: Kind,
+    },
+    /// The backups in the repository and the archive's WAL range.
+    List {
+        /// Environment directory.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Check that the primary's WAL reaches the repository (forces a WAL switch).
+    Check {
+        /// Environment directory.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Verify the repository: every backup file and WAL segment is readable and matches its
+    /// checksum.
+    Verify {
+        /// Environment directory.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+}
+
+/// A backup type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    /// Everything.
+    Full,
+    /// Changes since the last full backup.
+    Diff,
+    /// Changes since the last backup.
+    Incr,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Full => "full",
+            Kind::Diff => "diff",
+            Kind::Incr => "incr",
+        }
+    }
+}
+
+/// Output format of `list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// A table for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+fn environment(dir: &std::path::Path) -> Result<(Layout, Inventory)> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("pgkeep backup --dir must run as root (it runs pgBackRest as the pgbackrest user)");
+    }
+    let layout = Layout::new(dir)?;
+    let inv = Inventory::load(&layout.inventory())
+        .with_context(|| format!("{} is not a pgkeep environment", layout.dir.display()))?;
+    if inv.backup_host.is_none() {
+        bail!(
+            "the environment in {} has no backup host (it was created with --no-backup)",
+            layout.dir.display()
+        );
+    }
+    Ok((layout, inv))
+}
+
+/// The stanza as pgBackRest reports it.
+pub fn stanza(layout: &Layout, inv: &Inventory) -> Result<Stanza> {
+    let json = backup::repo_command(layout, inv, &["info", "--output=json"])?;
+    Ok(info::parse(&json, &inv.cluster)?)
+}
+
+/// Runs `pgkeep backup`.
+pub fn run(a: BackupArgs) -> Result<()> {
+    match a.command {
+        BackupCommand::Run { dir, kind } => {
+            let (layout, inv) = environment(&dir)?;
+            let t0 = std::time::Instant::now();
+            println!("{} backup of {} ...", kind.as_str(), inv.cluster);
+            backup::repo_command(
+                &layout,
+                &inv,
+                &["backup", &format!("--type={}", kind.as_str())],
+            )?;
+            let s = stanza(&layout, &inv)?;
+            let b = s.backups.last().context("the repository lists no backup")?;
+            println!(
+                "backup {} ({}) done in {:.1}s: {} restored size, {} in the repository, WAL {}..{}",
+                b.label,
+                b.kind,
+                t0.elapsed().as_secs_f64(),
+                info::human_size(b.size),
+                info::human_size(b.repo_size),
+                b.wal_start,
+                b.wal_stop
+            );
+            Ok(())
+        }
+        BackupCommand::List { dir, format } => {
+            let (layout, inv) = environment(&dir)?;
+            let s = stanza(&layout, &inv)?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Format::Table => print!("{}", table(&s)),
+            }
+            Ok(())
+        }
+        BackupCommand::Check { dir } => {
+            let (layout, inv) = environment(&dir)?;
+            backup::repo_command(&layout, &inv, &["check"])?;
+            println!(
+                "ok: the primary's WAL reaches the repository of {}",
+                inv.cluster
+            );
+            Ok(())
+        }
+        BackupCommand::Verify { dir } => {
+            let (layout, inv) = environment(&dir)?;
+            let out = backup::repo_command(&layout, &inv, &["verify", "--log-level-console=info"])?;
+            print!("{out}");
+            println!("ok: the repository of {} verified", inv.cluster);
+            Ok(())
+        }
+    }
+}
+
+/// The `list` table.
+fn table(s: &Stanza) -> String {
+    let mut out = format!(
+        "stanza {}: {} (status {}), cipher {}\n",
+        s.name, s.status.1, s.status.0, s.cipher
+    );
+    match &s.archive {
+        Some((min, max)) => out.push_str(&format!("archive: {min} .. {max}\n")),
+        None => out.push_str("archive: empty\n"),
+    }
+    if s.backups.is_empty() {
+        out.push_str("no backups\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "{:<34} {:<5} {:<20} {:>8} {:>10} {:>10}  {}\n",
+        "LABEL", "TYPE", "START (UTC)", "SECONDS", "SIZE", "REPO", "WAL"
+    ));
+    for b in &s.backups {
+        let start = time::OffsetDateTime::from_unix_timestamp(b.start)
+            .map(crate::pki::format_time)
+            .unwrap_or_else(|_| b.start.to_string());
+        out.push_str(&format!(
+            "{:<34} {:<5} {:<20} {:>8} {:>10} {:>10}  {}..{}{}\n",
+            b.label,
+            b.kind,
+            start,
+            b.stop - b.start,
+            info::human_size(b.size),
+            info::human_size(b.repo_size),
+            b.wal_start,
+            b.wal_stop,
+            if b.error { "  (page errors)" } else { "" }
+        ));
+    }
+    out
+}

@@ -1,0 +1,402 @@
+//! pgBackRest in a local environment: the repository host's `pgbackrest server` (user
+//! `pgbackrest`), one node-side `pgbackrest server` per database node (user `postgres`), their
+//! configuration files (rendered by [`crate::pgbackrest`]) and the stanza.
+//!
+//! ```text
+//! D/backup/               0750 pgbackrest
+//!   conf/                 0750 root:pgbackrest: pgbackrest.conf (0640), conf.d/cipher.conf
+//!                         (0600 pgbackrest: the repository's passphrase)
+//!   repo/ log/ lock/      0700 pgbackrest: the encrypted repository, pgBackRest's logs, locks
+//!   tls/                  0700 pgbackrest: pgbackrest-backup (server), pgbackrest-client-backup
+//! D/nodes/<n>/pgbackrest/ 0750 root:postgres: pgbackrest.conf (0640), conf.d/ (empty)
+//!   spool/ log/ lock/     0700 postgres: asynchronous archiving's queue, logs, locks
+//! D/secrets/pgbackrest-cipher.pw   the passphrase (0600 root)
+//! ```
+//!
+//! Every command is given `--config-path`, so pgBackRest reads exactly these files (never
+//! `/etc/pgbackrest.conf` nor `/etc/pgbackrest/conf.d`).
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+
+use super::certs::{node_tls, pair};
+use super::files::{self, dir, write};
+use super::spawn::{self, Identity, SERVICE_PATH, Spec};
+use super::{Layout, ServiceUser, s};
+use crate::inventory::{BackupHost, DbHost, Inventory};
+use crate::pgbackrest::{
+    self as render, NodePlan, Paths, PgNode, RepoPlan, Retention, Server, Timeouts, TlsFiles,
+};
+use crate::pki::Service;
+
+/// Debian's pgBackRest.
+pub const PGBACKREST_BIN: &str = "/usr/bin/pgbackrest";
+
+/// The OS user of the repository host.
+pub const PGBACKREST_USER: &str = "pgbackrest";
+
+/// `archive-push-queue-max` of a local node (MiB).
+const ARCHIVE_QUEUE_MAX_MIB: u64 = 1024;
+
+/// `D/backup`.
+pub fn backup_dir(layout: &Layout) -> PathBuf {
+    layout.path("backup")
+}
+
+/// The repository host's `--config-path` (`D/backup/conf`).
+pub fn repo_config_path(layout: &Layout) -> PathBuf {
+    backup_dir(layout).join("conf")
+}
+
+/// The repository (`D/backup/repo`).
+pub fn repo_path(layout: &Layout) -> PathBuf {
+    backup_dir(layout).join("repo")
+}
+
+/// Node `n`'s `--config-path` (`D/nodes/<n>/pgbackrest`).
+pub fn node_config_path(layout: &Layout, n: &str) -> PathBuf {
+    layout.node_dir(n).join("pgbackrest")
+}
+
+/// The repository's passphrase, kept by root (`D/secrets/pgbackrest-cipher.pw`).
+pub fn cipher_secret(layout: &Layout) -> PathBuf {
+    layout.secrets().join("pgbackrest-cipher.pw")
+}
+
+/// The repository host's TLS directory.
+fn repo_tls(layout: &Layout) -> PathBuf {
+    backup_dir(layout).join("tls")
+}
+
+/// The files of the repository host's `service` certificate.
+pub fn repo_pair(layout: &Layout, inv: &Inventory, service: Service) -> Option<super::certs::Pair> {
+    inv.backup_host
+        .as_ref()
+        .map(|b| pair(&repo_tls(layout), service, &b.name))
+}
+
+fn tls_files(p: &super::certs::Pair, layout: &Layout) -> TlsFiles {
+    TlsFiles {
+        cert: p.cert.clone(),
+        key: p.key.clone(),
+        ca: layout.ca_cert(),
+    }
+}
+
+fn state_paths(root: &Path) -> Paths {
+    Paths {
+        log: root.join("log"),
+        lock: root.join("lock"),
+        spool: root.join("spool"),
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The repository host's plan.
+pub fn repo_plan(layout: &Layout, inv: &Inventory, b: &BackupHost) -> Result<RepoPlan> {
+    let tls = repo_tls(layout);
+    let nodes = inv
+        .database_hosts
+        .iter()
+        .map(|h| {
+            Ok(PgNode {
+                host: inv.fqdn(&h.name),
+                tls_port: node_port(h)?,
+                data_dir: layout.data_dir(&h.name),
+                pg_port: h.pg_port,
+                socket_dir: layout.socket_dir(&h.name),
+                config_path: node_config_path(layout, &h.name),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RepoPlan {
+        stanza: inv.cluster.clone(),
+        repo_path: repo_path(layout),
+        paths: state_paths(&backup_dir(layout)),
+        server: Server {
+            address: b.address.to_string(),
+            port: b.port,
+            tls: tls_files(&pair(&tls, Service::PgBackRest, &b.name), layout),
+            clients: inv
+                .database_hosts
+                .iter()
+                .map(|h| client_cn(&h.name))
+                .collect(),
+        },
+        client: tls_files(&pair(&tls, Service::PgBackRestClient, &b.name), layout),
+        nodes,
+        process_max: render::process_max_for(cpus()),
+        backup_standby: true,
+        retention: Retention::default(),
+        timeouts: Timeouts::default(),
+    })
+}
+
+/// The common name of host `name`'s pgBackRest client certificate.
+fn client_cn(name: &str) -> String {
+    format!("{}-{name}", Service::PgBackRestClient)
+}
+
+fn node_port(h: &DbHost) -> Result<u16> {
+    h.pgbackrest_port.with_context(|| {
+        format!(
+            "the inventory gives {} no pgbackrest_port (needed with a backup host)",
+            h.name
+        )
+    })
+}
+
+/// Node `h`'s plan.
+pub fn node_plan(layout: &Layout, inv: &Inventory, h: &DbHost, b: &BackupHost) -> Result<NodePlan> {
+    let tls = node_tls(layout, &h.name);
+    Ok(NodePlan {
+        stanza: inv.cluster.clone(),
+        paths: state_paths(&node_config_path(layout, &h.name)),
+        pg: PgNode {
+            host: inv.fqdn(&h.name),
+            tls_port: node_port(h)?,
+            data_dir: layout.data_dir(&h.name),
+            pg_port: h.pg_port,
+            socket_dir: layout.socket_dir(&h.name),
+            config_path: node_config_path(layout, &h.name),
+        },
+        repo_host: inv.fqdn(&b.name),
+        repo_port: b.port,
+        repo_config_path: repo_config_path(layout),
+        client: tls_files(&pair(&tls, Service::PgBackRestClient, &h.name), layout),
+        server: Server {
+            address: h.address.to_string(),
+            port: node_port(h)?,
+            tls: tls_files(&pair(&tls, Service::PgBackRest, &h.name), layout),
+            clients: vec![client_cn(&b.name)],
+        },
+        process_max: 1,
+        archive_queue_max_mib: ARCHIVE_QUEUE_MAX_MIB,
+        timeouts: Timeouts::default(),
+    })
+}
+
+/// Node `n`'s `archive_command` and `restore_command`.
+pub fn wal_commands(layout: &Layout, inv: &Inventory, n: &str) -> Result<(String, String)> {
+    Ok(render::wal_commands(
+        Path::new(PGBACKREST_BIN),
+        &node_config_path(layout, n),
+        &inv.cluster,
+    )?)
+}
+
+fn group_owner(u: &ServiceUser) -> ServiceUser {
+    ServiceUser {
+        name: "root".into(),
+        uid: 0,
+        gid: u.gid,
+    }
+}
+
+/// Directories, configuration files and the cipher file of the repository host and of every
+/// node (idempotent; a no-op without a backup host).
+pub fn write_files(
+    layout: &Layout,
+    inv: &Inventory,
+    pg: &ServiceUser,
+    pgbr: &ServiceUser,
+) -> Result<()> {
+    let Some(b) = &inv.backup_host else {
+        return Ok(());
+    };
+    let base = backup_dir(layout);
+    dir(&base, 0o750, Some(pgbr))?;
+    for sub in ["repo", "log", "lock", "tls"] {
+        dir(&base.join(sub), 0o700, Some(pgbr))?;
+    }
+    let conf = repo_config_path(layout);
+    dir(&conf, 0o750, Some(&group_owner(pgbr)))?;
+    dir(&conf.join("conf.d"), 0o750, Some(&group_owner(pgbr)))?;
+    let text = render::render_repo(&repo_plan(layout, inv, b)?)?;
+    write(
+        &conf.join("pgbackrest.conf"),
+        &text,
+        0o640,
+        Some(&group_owner(pgbr)),
+    )?;
+    let pass = files::secret(&cipher_secret(layout))?;
+    write(
+        &conf.join("conf.d/cipher.conf"),
+        &render::render_cipher(&pass)?,
+        0o600,
+        Some(pgbr),
+    )?;
+    for h in &inv.database_hosts {
+        let root = node_config_path(layout, &h.name);
+        dir(&root, 0o750, Some(&group_owner(pg)))?;
+        dir(&root.join("conf.d"), 0o750, Some(&group_owner(pg)))?;
+        for sub in ["spool", "log", "lock"] {
+            dir(&root.join(sub), 0o700, Some(pg))?;
+        }
+        let text = render::render_node(&node_plan(layout, inv, h, b)?)?;
+        write(
+            &root.join("pgbackrest.conf"),
+            &text,
+            0o640,
+            Some(&group_owner(pg)),
+        )?;
+    }
+    Ok(())
+}
+
+/// How `up` and `down` recognise the `pgbackrest server` whose configuration is in `config`.
+fn identity(config: &Path) -> Identity {
+    Identity {
+        program: "pgbackrest".into(),
+        marker: s(config),
+    }
+}
+
+/// The `pgbackrest server` processes of the environment: the repository host's first.
+pub fn server_specs(
+    layout: &Layout,
+    inv: &Inventory,
+    pg: &ServiceUser,
+    pgbr: &ServiceUser,
+) -> Vec<Spec> {
+    let Some(b) = &inv.backup_host else {
+        return Vec::new();
+    };
+    let one = |name: String, user: &ServiceUser, config: PathBuf, home: PathBuf, listen| Spec {
+        pid_file: layout.run().join(format!("{name}-pgbackrest.pid")),
+        log: layout.logs().join(format!("{name}-pgbackrest.log")),
+        name: format!("{name}-pgbackrest"),
+        user: user.clone(),
+        program: PathBuf::from(PGBACKREST_BIN),
+        args: vec![
+            OsString::from(format!("--config-path={}", s(&config))),
+            "server".into(),
+        ],
+        home,
+        identity: identity(&config),
+        listens: vec![listen],
+    };
+    let mut v = vec![one(
+        b.name.clone(),
+        pgbr,
+        repo_config_path(layout),
+        backup_dir(layout),
+        (b.address, b.port).into(),
+    )];
+    for h in &inv.database_hosts {
+        if let Some(port) = h.pgbackrest_port {
+            v.push(one(
+                h.name.clone(),
+                pg,
+                node_config_path(layout, &h.name),
+                layout.node_dir(&h.name),
+                (h.address, port).into(),
+            ));
+        }
+    }
+    v
+}
+
+/// Stops every pgBackRest process of the environment: the nodes' servers and any
+/// asynchronous archiver their PostgreSQL left behind, then the repository host's server.
+/// Processes are found in `/proc` by their `--config-path` inside `D`. False when one still
+/// runs after `timeout`.
+pub fn stop_all(layout: &Layout, inv: &Inventory, timeout: Duration) -> Result<bool> {
+    let mut configs: Vec<PathBuf> = inv
+        .database_hosts
+        .iter()
+        .map(|h| node_config_path(layout, &h.name))
+        .collect();
+    configs.push(repo_config_path(layout));
+    let mut all = true;
+    for config in configs {
+        let id = identity(&config);
+        for pid in spawn::scan(&id) {
+            all &= spawn::stop(pid, &id, Signal::SIGTERM, timeout)?;
+        }
+    }
+    Ok(all)
+}
+
+/// Runs pgBackRest as `user` with the configuration in `config_path` (cleared environment,
+/// output captured).
+pub fn run_as(
+    user: &ServiceUser,
+    home: &Path,
+    config_path: &Path,
+    stanza: &str,
+    args: &[&str],
+) -> Result<Output> {
+    Command::new(PGBACKREST_BIN)
+        .arg(format!("--config-path={}", s(config_path)))
+        .arg(format!("--stanza={stanza}"))
+        .args(args)
+        .env_clear()
+        .env("PATH", SERVICE_PATH)
+        .env("HOME", home)
+        .env("LANG", "C.UTF-8")
+        .current_dir(home)
+        .uid(user.uid)
+        .gid(user.gid)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running pgbackrest {} as {}", args.join(" "), user.name))
+}
+
+/// Runs a pgBackRest command on the repository host (as `pgbackrest`); fails with its output.
+pub fn repo_command(layout: &Layout, inv: &Inventory, args: &[&str]) -> Result<String> {
+    let user = ServiceUser::lookup(PGBACKREST_USER)?;
+    let out = run_as(
+        &user,
+        &backup_dir(layout),
+        &repo_config_path(layout),
+        &inv.cluster,
+        args,
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "pgbackrest {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(text)
+}
+
+/// Creates the stanza unless `info` shows it healthy, and checks that the primary's WAL
+/// reaches the repository. A lock held by a concurrent pgBackRest command (an archive push in
+/// progress: error 050) is waited out, a few seconds at most.
+pub fn ensure_stanza(layout: &Layout, inv: &Inventory) -> Result<()> {
+    let info = repo_command(layout, inv, &["info", "--output=json"])?;
+    let exists = crate::pgbackrest::info::parse(&info, &inv.cluster).is_ok_and(|s| s.status.0 == 0);
+    if !exists {
+        retry_locked(|| repo_command(layout, inv, &["stanza-create"]))?;
+    }
+    retry_locked(|| repo_command(layout, inv, &["check"]))?;
+    Ok(())
+}
+
+fn retry_locked(mut f: impl FnMut() -> Result<String>) -> Result<String> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if tries < 10 && format!("{e:#}").contains("[050]") => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! pgBackRest in `pgkeep up`: a repository host over TLS, archiving from the nodes, backups,
+//! across a switchover; against real pgBackRest, PostgreSQL and etcd.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::local::{Scenario, ok};
+
+fn psql(conn: &str, sql: &str) -> Result<String> {
+    let out = Command::new("/usr/lib/postgresql/15/bin/psql")
+        .args([conn, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Runs pgBackRest as `user` with `config_path`, returns (success, stdout + stderr).
+fn pgbackrest(user: &str, config_path: &Path, args: &[&str]) -> Result<(bool, String)> {
+    let out = Command::new("runuser")
+        .args(["-u", user, "--", "/usr/bin/pgbackrest"])
+        .arg(format!("--config-path={}", config_path.display()))
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Polls `f` every second for up to 90 s.
+fn wait_for(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < Duration::from_secs(90) {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    bail!("timed out waiting for {what} {last}")
+}
+
+fn stanza_json(sc: &Scenario) -> Result<Value> {
+    let out = ok(&["backup", "list", "--dir", sc.d(), "--format", "json"])?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+#[test]
+fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover() -> Result<()> {
+    let sc = Scenario::new("bk");
+    let out = sc.up(&["--no-haproxy"])?;
+    ensure!(out.contains("pgBackRest stanza and archive check"), "{out}");
+    let d = &sc.dir;
+    let inv = sc.inventory()?;
+    let cluster: Value = serde_json::from_str(&fs::read_to_string(d.join("cluster.json"))?)?;
+    let app = cluster["libpq"]["app"].as_str().context("app libpq")?;
+
+    // The passphrase: 0600, owned by the repository's user, on the repository host only.
+    let cipher = d.join("backup/conf/conf.d/cipher.conf");
+    let m = fs::metadata(&cipher)?;
+    ensure!(m.permissions().mode() & 0o777 == 0o600, "cipher.conf mode");
+    let pgbr_uid = nix::unistd::User::from_name("pgbackrest")?
+        .context("pgbackrest user")?
+        .uid
+        .as_raw();
+    ensure!(m.uid() == pgbr_uid, "cipher.conf owner {}", m.uid());
+    let pass = fs::read_to_string(d.join("secrets/pgbackrest-cipher.pw"))?;
+    for n in ["node1", "node2", "node3"] {
+        let conf = fs::read_to_string(d.join(format!("nodes/{n}/pgbackrest/pgbackrest.conf")))?;
+        ensure!(
+            !conf.contains("cipher") && !conf.contains(pass.trim()),
+            "{n} holds the passphrase"
+        );
+        ensure!(
+            conf.contains("tls-server-auth=pgbackrest-client-backup=") && !conf.contains("=*"),
+            "{n}: {conf}"
+        );
+    }
+
+    // A marker row reaches the data files and the WAL in plain text, the repository never.
+    let marker = format!("pgkeep-marker-{}", std::process::id());
+    psql(
+        app,
+        &format!(
+            "CREATE TABLE secret_rows(t text); \
+             INSERT INTO secret_rows SELECT '{marker}-' || g FROM generate_series(1, 2000) g"
+        ),
+    )?;
+    ok(&["backup", "run", "--dir", sc.d(), "--type", "full"])?;
+    ok(&["backup", "check", "--dir", sc.d()])?;
+    let leader = sc
+        .ctl_list()?
+        .into_iter()
+        .find(|r| r["role"] == "leader")
+        .and_then(|r| r["name"].as_str().map(str::to_owned))
+        .context("no leader")?;
+    let plain = files_containing(&d.join(format!("nodes/{leader}/data")), marker.as_bytes())?;
+    ensure!(!plain.is_empty(), "the marker is not in {leader}'s files");
+    let leaked = files_containing(&d.join("backup/repo"), marker.as_bytes())?;
+    ensure!(
+        leaked.is_empty(),
+        "plain text in the repository: {leaked:?}"
+    );
+    let s = stanza_json(&sc)?;
+    ensure!(s["cipher"] == "aes-256-cbc", "{s}");
+    ensure!(s["backups"].as_array().map(Vec::len) == Some(1), "{s}");
+    let verify = ok(&["backup", "verify", "--dir", sc.d()])?;
+    ensure!(verify.contains("verified"), "{verify}");
+
+    // Archiving health: the leader publishes it; a dead repository shows as failing in
+    // `ctl list` and the agent's log, and as working again once the repository is back.
+    let archive_of_leader = |sc: &Scenario| -> Result<Value> {
+        let rows = sc.ctl_list()?;
+        Ok(rows
+            .into_iter()
+            .find(|r| r["role"] == "leader")
+            .map(|r| r["archive"].clone())
+            .unwrap_or(Value::Null))
+    };
+    wait_for("the leader to publish its archiving", || {
+        let a = archive_of_leader(&sc)?;
+        Ok(a["failing"] == false && a["last_archived_wal"].is_string())
+    })?;
+    let repo_pid: i32 = fs::read_to_string(d.join("run/backup-pgbackrest.pid"))?
+        .trim()
+        .parse()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(repo_pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let su = cluster["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == leader.as_str()))
+        .and_then(|m| m["superuser_libpq"].as_str())
+        .context("superuser libpq")?
+        .to_owned();
+    let switch_wal = || -> Result<()> {
+        psql(app, "INSERT INTO secret_rows VALUES ('switch')")?;
+        let out = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "/usr/lib/postgresql/15/bin/psql",
+                &su,
+            ])
+            .args(["-XAtqc", "SELECT pg_switch_wal()"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    switch_wal()?;
+    wait_for("archiving to fail with the repository down", || {
+        Ok(archive_of_leader(&sc)?["failing"] == true)
+    })?;
+    let log_of = |n: &str| fs::read_to_string(d.join(format!("logs/{n}-agent.log")));
+    ensure!(
+        log_of(&leader)?.contains("WAL archiving is failing"),
+        "no warning in {leader}'s log"
+    );
+    let table = ok(&["ctl", "--dir", sc.d(), "list"])?;
+    ensure!(
+        table.contains(&format!("Archive {leader}: FAILING")),
+        "{table}"
+    );
+    // `up` again starts what is missing: the repository's server.
+    sc.up(&["--no-haproxy"])?;
+    wait_for("archiving to work again", || {
+        switch_wal()?;
+        Ok(archive_of_leader(&sc)?["failing"] == false)
+    })?;
+    ensure!(
+        log_of(&leader)?.contains("WAL archiving works again"),
+        "no recovery line in {leader}'s log"
+    );
+
+    // The repository's server: a client certificate from the cluster CA that is not on its
+    // list is refused; the node's own certificate is let in.
+    let node_cfg = d.join("nodes/node1/pgbackrest");
+    let tls = d.join("nodes/node1/tls");
+    let wrong = [
+        format!(
+            "--repo1-host-cert-file={}",
+            tls.join("restapi-client-node1.crt").display()
+        ),
+        format!(
+            "--repo1-host-key-file={}",
+            tls.join("restapi-client-node1.key").display()
+        ),
+    ];
+    let stanza = format!("--stanza={}", inv.cluster);
+    let (_, refused) = pgbackrest(
+        "postgres",
+        &node_cfg,
+        &[&stanza, &wrong[0], &wrong[1], "info", "--output=json"],
+    )?;
+    ensure!(
+        refused.contains("access denied"),
+        "wrong certificate: {refused}"
+    );
+    let (_, allowed) = pgbackrest("postgres", &node_cfg, &[&stanza, "info", "--output=json"])?;
+    ensure!(
+        allowed.contains("\"message\":\"ok\"") && !allowed.contains("access denied"),
+        "node1's own certificate: {allowed}"
+    );
+    // Plain text gets no pgBackRest greeting, only the end of the connection.
+    let b = inv.backup_host.as_ref().context("no backup host")?;
+    let mut tcp = TcpStream::connect((b.address, b.port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.write_all(b"{\"cmd\":\"noop\"}\n")?;
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer);
+    ensure!(
+        !String::from_utf8_lossy(&answer).contains("pgBackRest") && answer.len() < 64,
+        "plain text answered: {answer:?}"
+    );
+
+    // After a switchover the new primary archives on its new timeline, and a backup works.
+    let before = s["archive"][1].as_str().unwrap_or_default().to_owned();
+    let candidate = if leader == "node1" { "node2" } else { "node1" };
+    // A WAL switch moves the primary to the next segment at once; the switchover's lag check
+    // (maximum_lag_on_failover) wants the candidate to have followed.
+    wait_for("the candidate to catch up", || {
+        Ok(sc
+            .ctl_list()?
+            .iter()
+            .any(|r| r["name"] == candidate && r["lag"] == 0))
+    })?;
+    ok(&[
+        "ctl",
+        "--dir",
+        sc.d(),
+        "switchover",
+        "--candidate",
+        candidate,
+        "--force",
+    ])?;
+    let t0 = Instant::now();
+    loop {
+        let rows = sc.ctl_list()?;
+        let switched = rows
+            .iter()
+            .any(|r| r["name"] == candidate && r["role"] == "leader");
+        if switched && psql(app, "SELECT pg_is_in_recovery()").ok().as_deref() == Some("f") {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("no switchover to {candidate}: {rows:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    psql(
+        app,
+        &format!("INSERT INTO secret_rows VALUES ('{marker}-after')"),
+    )?;
+    ok(&["backup", "check", "--dir", sc.d()])?;
+    ok(&["backup", "run", "--dir", sc.d(), "--type", "incr"])?;
+    let s = stanza_json(&sc)?;
+    let after = s["archive"][1].as_str().unwrap_or_default().to_owned();
+    ensure!(
+        after[..8] > before[..8],
+        "the archive did not reach a new timeline: {before} -> {after}"
+    );
+    let kinds: Vec<&str> = s["backups"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|b| b["type"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(kinds == ["full", "incr"], "{s}");
+
+    // down stops every pgBackRest process the environment started.
+    ok(&["down", "--dir", sc.d()])?;
+    let left: Vec<String> = fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("pgbackrest") && c.contains(sc.d()))
+        .collect();
+    ensure!(left.is_empty(), "still running after down: {left:?}");
+    Ok(())
+}
