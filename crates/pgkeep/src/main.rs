@@ -40,6 +40,8 @@ enum Command {
     Etcd(cli::etcd::EtcdArgs),
     /// Backups with pgBackRest: run, list, check, verify.
     Backup(cli::backup::BackupArgs),
+    /// Restore the cluster to a point in time from the pgBackRest repository (new timeline).
+    Restore(cli::backup::RestoreArgs),
     /// The fence guard the agent starts beside itself (not for direct use).
     #[command(hide = true)]
     FenceGuard {
@@ -80,6 +82,7 @@ fn main() -> std::process::ExitCode {
         Command::Render(a) => cli::render::run(a),
         Command::Etcd(a) => cli::etcd::run(a),
         Command::Backup(a) => cli::backup::run(a),
+        Command::Restore(a) => cli::backup::run_restore(a),
         Command::FenceGuard {
             state,
             config_dir,

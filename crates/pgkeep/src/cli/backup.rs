@@ -5,6 +5,8 @@
 //! pgkeep backup list   [--dir D] [--format table|json]
 //! pgkeep backup check  [--dir D]
 //! pgkeep backup verify [--dir D]
+//! pgkeep restore [--dir D] (--target-time T | --target-lsn L | --target-name N | --latest)
+//!                [--node NAME] [--set LABEL] [--timeout SECS]
 //! ```
 //!
 //! With a repository host, pgBackRest starts backups there only (it refuses elsewhere), so
@@ -209,4 +211,52 @@ fn table(s: &Stanza) -> String {
         ));
     }
     out
+}
+
+/// `pgkeep restore`: the cluster back to a point in time (see [`crate::local::restore`]).
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true)))]
+pub struct RestoreArgs {
+    /// Environment directory.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Recover up to this time, e.g. "2026-11-29 23:40:00+00" (give the time zone).
+    #[arg(long, value_name = "TIME", group = "target")]
+    pub target_time: Option<String>,
+    /// Recover up to this WAL position, e.g. 0/5000060.
+    #[arg(long, value_name = "LSN", group = "target")]
+    pub target_lsn: Option<String>,
+    /// Recover up to this restore point (pg_create_restore_point).
+    #[arg(long, value_name = "NAME", group = "target")]
+    pub target_name: Option<String>,
+    /// Recover everything the archive holds.
+    #[arg(long, group = "target")]
+    pub latest: bool,
+    /// The node to restore (default: the current or last leader); the others clone from it.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// The backup to start from (default: the newest one before the target).
+    #[arg(long = "set", value_name = "LABEL")]
+    pub backup: Option<String>,
+    /// Seconds recovery (and the cluster's start afterwards) may take.
+    #[arg(long, value_name = "SECS", default_value_t = 1800)]
+    pub timeout: u64,
+}
+
+/// Runs `pgkeep restore`.
+pub fn run_restore(a: RestoreArgs) -> Result<()> {
+    use crate::pgbackrest::RecoveryTarget;
+    let target = match (a.target_time, a.target_lsn, a.target_name) {
+        (Some(t), _, _) => RecoveryTarget::Time(t),
+        (_, Some(l), _) => RecoveryTarget::Lsn(l),
+        (_, _, Some(n)) => RecoveryTarget::Name(n),
+        _ => RecoveryTarget::Latest,
+    };
+    crate::local::restore::restore(&crate::local::restore::RestoreOptions {
+        dir: a.dir,
+        target,
+        node: a.node,
+        backup: a.backup,
+        timeout: std::time::Duration::from_secs(a.timeout),
+    })
 }

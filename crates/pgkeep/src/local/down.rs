@@ -58,32 +58,7 @@ pub fn down(opts: &DownOptions) -> Result<()> {
         Ok(())
     })?;
     steps.run("stopping the agents", || {
-        let mut order: Vec<&str> = inv
-            .database_hosts
-            .iter()
-            .map(|h| h.name.as_str())
-            .filter(|n| Some(*n) != leader.as_deref())
-            .collect();
-        order.extend(leader.as_deref());
-        let mut stuck = Vec::new();
-        for n in order {
-            let id = agent_identity(&layout, n);
-            if !stop_one(n, &layout.agent_pid(n), &id, Signal::SIGTERM, opts.timeout)? {
-                stuck.push(format!("{n} (log {})", layout.agent_log(n).display()));
-            }
-        }
-        if !stuck.is_empty() {
-            bail!(
-                "agents still running after {:?}: {}; etcd is left running so they can finish; \
-                 run `pgkeep down` again",
-                opts.timeout,
-                stuck.join(", ")
-            );
-        }
-        for h in &inv.database_hosts {
-            stop_postmaster(&layout, &h.name)?;
-        }
-        Ok(())
+        stop_agents(&layout, &inv, leader.as_deref(), opts.timeout)
     })?;
     steps.run("stopping pgBackRest", || {
         if !backup::stop_all(&layout, &inv, Duration::from_secs(15))? {
@@ -155,7 +130,7 @@ fn without_inventory(layout: &Layout, purge: bool) -> Result<()> {
 }
 
 /// The member holding the leader key, if etcd answers within a few seconds.
-fn current_leader(layout: &Layout, inv: &Inventory) -> Option<String> {
+pub(crate) fn current_leader(layout: &Layout, inv: &Inventory) -> Option<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -169,6 +144,41 @@ fn current_leader(layout: &Layout, inv: &Inventory) -> Option<String> {
             .ok()?;
         snap.view.leader.map(|l| l.name)
     })
+}
+
+/// Stops every agent, the replicas' first and the leader's last (nobody is left to take over,
+/// so the leader key is released), then any postmaster an agent left behind.
+pub(crate) fn stop_agents(
+    layout: &Layout,
+    inv: &Inventory,
+    leader: Option<&str>,
+    timeout: Duration,
+) -> Result<()> {
+    let mut order: Vec<&str> = inv
+        .database_hosts
+        .iter()
+        .map(|h| h.name.as_str())
+        .filter(|n| Some(*n) != leader)
+        .collect();
+    order.extend(leader);
+    let mut stuck = Vec::new();
+    for n in order {
+        let id = agent_identity(layout, n);
+        if !stop_one(n, &layout.agent_pid(n), &id, Signal::SIGTERM, timeout)? {
+            stuck.push(format!("{n} (log {})", layout.agent_log(n).display()));
+        }
+    }
+    if !stuck.is_empty() {
+        bail!(
+            "agents still running after {timeout:?}: {}; etcd is left running so they can \
+             finish; run `pgkeep down` again",
+            stuck.join(", ")
+        );
+    }
+    for h in &inv.database_hosts {
+        stop_postmaster(layout, &h.name)?;
+    }
+    Ok(())
 }
 
 /// Stops one process found through its PID file (or `/proc`); true when it is gone.

@@ -38,6 +38,7 @@ pub mod files;
 pub mod haproxy;
 pub mod health;
 pub mod hosts;
+pub mod restore;
 pub mod rotate;
 pub mod spawn;
 pub mod up;

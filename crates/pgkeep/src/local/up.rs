@@ -216,7 +216,7 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         steps.run("pgBackRest stanza and archive check", || {
             backup::ensure_stanza(&layout, &inv)?;
             println!(
-                "      stanza {} created; WAL from the primary reaches the repository",
+                "      stanza {} in place; WAL from the primary reaches the repository",
                 inv.cluster
             );
             Ok(())

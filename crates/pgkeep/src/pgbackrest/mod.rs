@@ -455,3 +455,72 @@ pub fn wal_commands(
         format!("{bin} --config-path={conf} --stanza={stanza} archive-get %f \"%p\""),
     ))
 }
+
+/// Where a point-in-time recovery stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryTarget {
+    /// The end of the archive: every transaction the repository holds.
+    Latest,
+    /// A time (`2026-11-29 23:40:00+00`; PostgreSQL's `recovery_target_time` syntax).
+    Time(String),
+    /// A WAL position (`0/5000060`).
+    Lsn(String),
+    /// A restore point made with `pg_create_restore_point(name)`.
+    Name(String),
+}
+
+/// The `pgbackrest restore` options for `target`: recovery stops there (just after the last
+/// transaction committed at or before it) and the server is promoted onto a new timeline.
+/// Values are checked first: pgBackRest writes them into `postgresql.auto.conf`.
+pub fn restore_target_options(target: &RecoveryTarget) -> Result<Vec<String>, PgBackRestError> {
+    let printable = |what: &str, v: &str, max: usize| {
+        let ok = !v.trim().is_empty()
+            && v.len() <= max
+            && v.chars().all(|c| !c.is_control() && c != '\'' && c != '\\');
+        if ok {
+            Ok(())
+        } else {
+            err(
+                what,
+                format!("{v:?} is empty, too long or has quotes or control characters"),
+            )
+        }
+    };
+    let (kind, value) = match target {
+        RecoveryTarget::Latest => return Ok(vec!["--type=default".into()]),
+        RecoveryTarget::Time(t) => {
+            printable("target-time", t, 64)?;
+            if !t.starts_with(|c: char| c.is_ascii_digit()) {
+                return err(
+                    "target-time",
+                    format!("{t:?} must start with a date (YYYY-MM-DD)"),
+                );
+            }
+            ("time", t)
+        }
+        RecoveryTarget::Lsn(l) => {
+            let ok = l.split_once('/').is_some_and(|(hi, lo)| {
+                [hi, lo]
+                    .iter()
+                    .all(|p| (1..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_hexdigit()))
+            });
+            if !ok {
+                return err(
+                    "target-lsn",
+                    format!("{l:?} is not a WAL position such as 0/5000060"),
+                );
+            }
+            ("lsn", l)
+        }
+        RecoveryTarget::Name(n) => {
+            // Restore point names are at most 63 bytes (MAXFNAMELEN - 1).
+            printable("target-name", n, 63)?;
+            ("name", n)
+        }
+    };
+    Ok(vec![
+        format!("--type={kind}"),
+        format!("--target={value}"),
+        "--target-action=promote".into(),
+    ])
+}

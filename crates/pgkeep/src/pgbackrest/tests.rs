@@ -290,3 +290,40 @@ fn debians_pgbackrest_knows_every_option_written() {
     });
     assert!(caught.is_err(), "compress-type=bogus was not caught");
 }
+
+#[test]
+fn recovery_targets_become_restore_options_and_bad_ones_are_named() {
+    assert_eq!(
+        restore_target_options(&RecoveryTarget::Time("2026-11-29 23:40:00+00".into())).unwrap(),
+        [
+            "--type=time",
+            "--target=2026-11-29 23:40:00+00",
+            "--target-action=promote"
+        ]
+    );
+    assert_eq!(
+        restore_target_options(&RecoveryTarget::Lsn("0/5000060".into())).unwrap()[1],
+        "--target=0/5000060"
+    );
+    assert_eq!(
+        restore_target_options(&RecoveryTarget::Name("before-upgrade".into())).unwrap()[0],
+        "--type=name"
+    );
+    assert_eq!(
+        restore_target_options(&RecoveryTarget::Latest).unwrap(),
+        ["--type=default"]
+    );
+    for (t, what) in [
+        (RecoveryTarget::Time("yesterday".into()), "target-time"),
+        (
+            RecoveryTarget::Time("2026-11-29' ; x".into()),
+            "target-time",
+        ),
+        (RecoveryTarget::Lsn("0/xyz".into()), "target-lsn"),
+        (RecoveryTarget::Lsn("5000060".into()), "target-lsn"),
+        (RecoveryTarget::Name("a\nb".into()), "target-name"),
+        (RecoveryTarget::Name("n".repeat(64)), "target-name"),
+    ] {
+        assert_eq!(restore_target_options(&t).unwrap_err().what, what, "{t:?}");
+    }
+}
