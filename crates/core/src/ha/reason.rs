@@ -96,6 +96,9 @@ pub enum Reason {
     },
     /// Switchover: waiting for a candidate to confirm the shutdown checkpoint.
     SwitchoverAwaitingCandidate,
+    /// Switchover requested: the candidates' member keys lag; asking them for their current
+    /// position before judging.
+    SwitchoverCheckingCandidates,
     /// Handing the key over (publish "released", delete the key).
     ReleasingLeaderKey,
     /// Switchover abandoned: no candidate confirmed the checkpoint in time.
@@ -297,6 +300,10 @@ impl fmt::Display for Reason {
                 Some(c) => write!(f, "switchover to {c}: stopping with checkpoint"),
                 None => write!(f, "switchover: stopping with checkpoint"),
             },
+            R::SwitchoverCheckingCandidates => write!(
+                f,
+                "switchover requested: asking the candidates for their current WAL position"
+            ),
             R::SwitchoverAwaitingCandidate => {
                 write!(
                     f,

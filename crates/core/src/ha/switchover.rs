@@ -9,12 +9,22 @@ use super::member;
 use super::reason::{RaceLoss, Reason, RejectedFailover};
 use super::types::{Handover, HandoverKind, Millis, PgProcess};
 
-/// True when `name`'s member data shows a replica fit to take over: running replica, failover
-/// allowed, within `maximum_lag_on_failover`, on our timeline when `check_timeline`, and in
-/// synchronous mode listed in `/sync`.
-pub(crate) fn fit_replica(cx: &Ctx<'_>, name: &str) -> bool {
+/// How fit a member is to take over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fitness {
+    Fit,
+    /// Fit but for its lag behind this primary.
+    Lagging,
+    Unfit,
+}
+
+/// `name`'s fitness from its member data: running replica, failover allowed, on our timeline
+/// when `check_timeline`, in synchronous mode listed in `/sync`, and within
+/// `maximum_lag_on_failover`. Its position is the newer of its member key's and, when the
+/// shell fetched it this cycle, its own answer (a key can be a loop old).
+fn fitness(cx: &Ctx<'_>, name: &str) -> Fitness {
     let Some(m) = cx.member(name) else {
-        return false;
+        return Fitness::Unfit;
     };
     if name == cx.me()
         || m.tags.nofailover
@@ -22,23 +32,38 @@ pub(crate) fn fit_replica(cx: &Ctx<'_>, name: &str) -> bool {
         || m.state != "running"
         || m.role != "replica"
     {
-        return false;
-    }
-    let pos = m.xlog_location.unwrap_or_default();
-    let optime = cx.obs.pg.wal_position;
-    if optime.0.saturating_sub(pos.0) > cx.cfg.maximum_lag_on_failover {
-        return false;
+        return Fitness::Unfit;
     }
     if cx.cfg.check_timeline && m.timeline.is_some() && m.timeline != cx.obs.pg.timeline {
-        return false;
+        return Fitness::Unfit;
     }
     if cx.sync_active() {
         let sync = &cx.view.sync.as_ref().expect("sync_active").value;
         if !sync.standbys().iter().any(|s| s.eq_ignore_ascii_case(name)) {
-            return false;
+            return Fitness::Unfit;
         }
     }
-    true
+    let fresh = cx
+        .obs
+        .peers
+        .as_ref()
+        .and_then(|r| r.answers.get(name))
+        .filter(|s| s.running && !s.primary)
+        .map(|s| s.wal_position);
+    let pos = m
+        .xlog_location
+        .unwrap_or_default()
+        .max(fresh.unwrap_or_default());
+    let optime = cx.obs.pg.wal_position;
+    if optime.0.saturating_sub(pos.0) > cx.cfg.maximum_lag_on_failover {
+        return Fitness::Lagging;
+    }
+    Fitness::Fit
+}
+
+/// True when `name` is a replica fit to take over (see [`fitness`]).
+pub(crate) fn fit_replica(cx: &Ctx<'_>, name: &str) -> bool {
+    fitness(cx, name) == Fitness::Fit
 }
 
 /// `is_failover_possible`: some other member (the candidate, if named) is fit to take over.
@@ -122,6 +147,24 @@ pub(crate) fn on_leader(cx: &mut Ctx<'_>) -> Option<LeaderRequest> {
         return reject(RejectedFailover::NoHealthyCandidate);
     }
     if !failover_possible(cx, req.member.as_deref()) {
+        // Candidates fit but for a lag their member keys show: a key is up to a loop old, and a
+        // burst of WAL (or a WAL switch) moves the primary megabytes ahead at once. Ask them
+        // once for their current position before rejecting (Patroni asks them too).
+        let lagging: Vec<String> = cx
+            .view
+            .members
+            .keys()
+            .filter(|n| req.member.as_ref().is_none_or(|c| c == *n))
+            .filter(|n| fitness(cx, n) == Fitness::Lagging)
+            .cloned()
+            .collect();
+        if !lagging.is_empty() && cx.obs.peers.is_none() {
+            return Some(LeaderRequest::Note {
+                reason: Reason::SwitchoverCheckingCandidates,
+                actions: vec![Action::FetchPeerStatus { members: lagging }],
+                wake: None,
+            });
+        }
         return reject(RejectedFailover::NoHealthyCandidate);
     }
     cx.mem.handover = Some(Handover {

@@ -115,13 +115,40 @@ fn switchover_rejected_without_healthy_candidate() {
         fx.decide().reason,
         Reason::FailoverRequestRejected(_)
     ));
+    // A candidate whose key lags is asked for its current position first; still behind, it
+    // is rejected.
     let mut fx = Fx::leader();
     fx.failover(Some("n1"), Some("n2"));
     fx.obs.pg.wal_position = Lsn(3 << 20);
+    let d = fx.decide();
+    assert_eq!(d.reason, Reason::SwitchoverCheckingCandidates);
+    assert!(d.has(|a| *a
+        == Action::FetchPeerStatus {
+            members: vec!["n2".into()]
+        }));
+    fx.peers(&[("n2", false, 1000)]);
     assert!(matches!(
         fx.decide().reason,
         Reason::FailoverRequestRejected(_)
     ));
+}
+
+#[test]
+fn switchover_trusts_a_candidates_fresh_position_over_its_stale_key() {
+    // A WAL switch moved the primary 16 MiB ahead; the candidate followed, its key is a loop old.
+    let mut fx = Fx::leader();
+    fx.failover(Some("n1"), Some("n2"));
+    fx.obs.pg.wal_position = Lsn(16 << 20);
+    let d = fx.decide();
+    assert_eq!(d.reason, Reason::SwitchoverCheckingCandidates);
+    fx.peers(&[("n2", false, 16 << 20)]);
+    let d = fx.decide();
+    assert_eq!(
+        d.reason,
+        Reason::SwitchoverStopping {
+            candidate: Some("n2".into())
+        }
+    );
 }
 
 #[test]
