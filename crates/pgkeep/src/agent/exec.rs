@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
-use pgkeep_core::ha::{Action, LeaderLease, LongOperation, Millis, StartRole};
+use pgkeep_core::ha::{Action, LeaderLease, Millis, StartRole};
 use pgkeep_core::pgconf::conninfo_quote;
 
+use super::Shell;
 use super::render::{self, StandbyOf};
-use super::{Busy, Shell};
 use crate::dcs::{Cas, Dcs, Expect};
 use crate::postgres::StopMode;
 use crate::postgres::fence::{FenceGrace, fence_blocking};
@@ -564,119 +564,6 @@ impl Shell {
             .join(" "))
     }
 
-    fn spawn_busy(
-        &mut self,
-        op: LongOperation,
-        fut: impl std::future::Future<Output = Result<()>> + Send + 'static,
-    ) {
-        let done = self.busy_done.clone();
-        let handle = tokio::spawn(async move {
-            let r = fut.await;
-            done.notify_one();
-            r
-        });
-        self.busy = Some(Busy { op, handle });
-    }
-
-    fn start_clone(&mut self, source: &str, wipe: bool) -> Result<()> {
-        let conninfo = self.tool_conninfo(source, false)?;
-        let instance = self.instance.clone();
-        let initdb_marker = self.layout.config_dir.join(super::observe::INITDB_MARKER);
-        tracing::info!(%source, wipe, "cloning with pg_basebackup");
-        self.spawn_busy(LongOperation::Clone, async move {
-            // Replacing a data directory: clone beside it and swap only once the clone is
-            // complete, so a source that dies mid-way (or was never reachable) costs nothing.
-            let target = if wipe {
-                side_dir(&instance.data_dir, "clone")
-            } else {
-                instance.data_dir.clone()
-            };
-            if wipe {
-                remove_dir_if_exists(&target)?;
-            }
-            let args: Vec<OsString> = vec![
-                "-D".into(),
-                target.clone().into(),
-                "-X".into(),
-                "stream".into(),
-                "-c".into(),
-                "fast".into(),
-                "--no-password".into(),
-                "-d".into(),
-                conninfo.into(),
-            ];
-            if let Err(e) = instance
-                .runner
-                .run("pg_basebackup", &args, &[], Duration::from_secs(3600))
-                .await
-            {
-                if wipe {
-                    let _ = remove_dir_if_exists(&target);
-                }
-                return Err(e.into());
-            }
-            if wipe {
-                swap_in(&instance.data_dir, &target)?;
-                let _ = std::fs::remove_file(initdb_marker);
-            }
-            Ok(())
-        });
-        Ok(())
-    }
-
-    fn start_rewind(&mut self, source: &str) -> Result<()> {
-        let conninfo = self.tool_conninfo(source, true)?;
-        let instance = self.instance.clone();
-        tracing::info!(%source, "rewinding with pg_rewind");
-        self.spawn_busy(LongOperation::Rewind, async move {
-            let args: Vec<OsString> = vec![
-                format!("--target-pgdata={}", instance.data_dir.display()).into(),
-                format!("--source-server={conninfo}").into(),
-                "--no-sync".into(),
-            ];
-            let out = instance
-                .runner
-                .run("pg_rewind", &args, &[], Duration::from_secs(3600))
-                .await?;
-            // pg_rewind judges by the control file alone; the core judged by the end of the WAL
-            // and found it past the switch point. Trusting "nothing to do" would start a standby
-            // holding records the new primary never had, so it counts as a failed rewind.
-            if format!("{}{}", out.stdout, out.stderr).contains("no rewind required") {
-                anyhow::bail!(
-                    "pg_rewind found nothing to rewind although the local WAL passed the switch point"
-                );
-            }
-            super::slots::clear_slots(&instance.data_dir)
-        });
-        Ok(())
-    }
-
-    fn start_initdb(&mut self) -> Result<()> {
-        let instance = self.instance.clone();
-        let superuser = self
-            .cfg
-            .postgresql
-            .authentication
-            .superuser
-            .username
-            .clone();
-        let extra = self.cfg.bootstrap.initdb.clone();
-        let layout = self.layout.clone();
-        self.fresh_bootstrap = true;
-        let marker = self.layout.config_dir.join(super::observe::INITDB_MARKER);
-        crate::fsutil::write_atomic(&marker, b"", 0o600)
-            .with_context(|| format!("writing {}", marker.display()))?;
-        tracing::info!("running initdb for a new cluster");
-        self.spawn_busy(LongOperation::Initdb, async move {
-            instance
-                .initdb(&superuser, &extra, Duration::from_secs(600))
-                .await?;
-            render::remove_initdb_config_copies(&layout);
-            Ok(())
-        });
-        Ok(())
-    }
-
     /// Creates the replication and rewind roles on a freshly bootstrapped primary.
     async fn create_roles(&mut self) -> Result<()> {
         let auth = &self.cfg.postgresql.authentication;
@@ -723,44 +610,6 @@ impl Shell {
         }
         Ok(())
     }
-}
-
-/// `<data_dir>.pgkeep-<what>`, beside the data directory.
-fn side_dir(data_dir: &std::path::Path, what: &str) -> std::path::PathBuf {
-    let mut name = data_dir.file_name().unwrap_or_default().to_owned();
-    name.push(format!(".pgkeep-{what}"));
-    data_dir.with_file_name(name)
-}
-
-fn remove_dir_if_exists(dir: &std::path::Path) -> Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
-    }
-}
-
-/// Puts the complete clone `fresh` in place of `data_dir` (two renames in the same parent
-/// directory), then removes the old data.
-fn swap_in(data_dir: &std::path::Path, fresh: &std::path::Path) -> Result<()> {
-    let old = side_dir(data_dir, "old");
-    remove_dir_if_exists(&old)?;
-    match std::fs::rename(data_dir, &old) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "moving {} aside (the data directory must be renameable; the clone stays in {})",
-                    data_dir.display(),
-                    fresh.display()
-                )
-            });
-        }
-    }
-    std::fs::rename(fresh, data_dir)
-        .with_context(|| format!("moving {} to {}", fresh.display(), data_dir.display()))?;
-    remove_dir_if_exists(&old)
 }
 
 fn action_name(a: &Action) -> &'static str {

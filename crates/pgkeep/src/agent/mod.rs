@@ -4,6 +4,7 @@
 
 mod apps;
 mod callbacks;
+mod clone;
 mod control;
 mod exec;
 mod lease;

@@ -125,6 +125,10 @@ pub fn effective_yaml(c: &Config) -> String {
             "callback_timeout": c.callbacks.timeout.as_secs(),
             "callback_primary_role": c.callbacks.primary_role.as_str(),
             "certificate_expiry_warning_days": c.certificate_expiry_warning_days,
+            "pgbackrest": c.pgbackrest.as_ref().map(|p| serde_json::json!({
+                "config_path": p.config_path.display().to_string(),
+                "stanza": p.stanza,
+            })),
         },
     });
     serde_saphyr::to_string(&doc).unwrap_or_else(|e| format!("# cannot render: {e}\n"))

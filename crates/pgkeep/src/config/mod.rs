@@ -96,9 +96,21 @@ pub struct Config {
     /// The agent warns in its log when a certificate it uses expires within this many days
     /// (`pgkeep.certificate_expiry_warning_days`, default 30).
     pub certificate_expiry_warning_days: u32,
+    /// This node's pgBackRest (`pgkeep.pgbackrest`): replicas are then created from the
+    /// repository first (delta restore, then streaming), `pg_basebackup` being the fallback.
+    pub pgbackrest: Option<PgBackRest>,
     /// Key paths of secrets written inline in the file (rather than in a password file); such a
     /// file must not be readable by group or others.
     pub inline_secret_keys: Vec<String>,
+}
+
+/// The node's pgBackRest: its configuration directory and the cluster's stanza.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgBackRest {
+    /// `--config-path`: `pgbackrest.conf` (and `conf.d`) of this node.
+    pub config_path: PathBuf,
+    /// The stanza (default: the scope).
+    pub stanza: String,
 }
 
 /// REST API settings.

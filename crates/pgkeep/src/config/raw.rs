@@ -254,4 +254,14 @@ pub(super) struct RawPgkeep {
     pub(super) callback_primary_role: Option<String>,
     #[serde(default)]
     pub(super) certificate_expiry_warning_days: Option<u32>,
+    #[serde(default)]
+    pub(super) pgbackrest: Option<RawPgBackRest>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPgBackRest {
+    pub(super) config_path: Option<String>,
+    #[serde(default)]
+    pub(super) stanza: Option<String>,
 }

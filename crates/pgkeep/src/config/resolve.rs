@@ -173,6 +173,41 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
             ));
         }
     };
+    let pgbackrest = match raw_pgkeep.pgbackrest {
+        None => None,
+        Some(p) => {
+            let config_path = match p.config_path {
+                Some(c) if Path::new(&c).is_absolute() => PathBuf::from(c),
+                Some(c) => {
+                    return Err(err(
+                        "pgkeep.pgbackrest.config_path",
+                        format!("{c:?} is not an absolute path"),
+                    ));
+                }
+                None => {
+                    return Err(err(
+                        "pgkeep.pgbackrest.config_path",
+                        "missing: the directory of this node's pgbackrest.conf".into(),
+                    ));
+                }
+            };
+            let stanza = p.stanza.unwrap_or_else(|| raw.scope.clone());
+            if stanza.is_empty()
+                || !stanza
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(err(
+                    "pgkeep.pgbackrest.stanza",
+                    format!("{stanza:?} must be letters, digits, '-', '_' or '.'"),
+                ));
+            }
+            Some(super::PgBackRest {
+                config_path,
+                stanza,
+            })
+        }
+    };
     let mut dynamic_parameter_allowlist = BTreeSet::new();
     for (i, n) in raw_pgkeep.dynamic_parameter_allowlist.iter().enumerate() {
         let key = format!("pgkeep.dynamic_parameter_allowlist[{i}]");
@@ -462,6 +497,7 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
         log,
         dynamic_parameter_allowlist,
         certificate_expiry_warning_days,
+        pgbackrest,
         cluster_networks,
         insecure,
         callbacks,

@@ -161,6 +161,7 @@ pub(super) const ROOT: &[Entry] = &[
             leaf("callback_timeout"),
             leaf("callback_primary_role"),
             leaf("certificate_expiry_warning_days"),
+            section("pgbackrest", &[leaf("config_path"), leaf("stanza")]),
             section(
                 "insecure",
                 &[

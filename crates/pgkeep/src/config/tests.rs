@@ -82,3 +82,28 @@ fn hba_lines_are_checked_and_bind_passwords_count_as_inline_secrets() {
     );
     assert!(weak.is_ok(), "{weak:?}");
 }
+
+#[test]
+fn pgbackrest_section_defaults_the_stanza_to_the_scope_and_names_bad_values() {
+    assert_eq!(parse("").unwrap().pgbackrest, None);
+    let c = parse("pgkeep: {pgbackrest: {config_path: /etc/pgkeep/pgbackrest}}\n").unwrap();
+    let p = c.pgbackrest.unwrap();
+    assert_eq!(p.config_path, PathBuf::from("/etc/pgkeep/pgbackrest"));
+    assert_eq!(p.stanza, "s");
+    for (extra, key) in [
+        (
+            "pgkeep: {pgbackrest: {config_path: etc/pgbackrest}}\n",
+            "pgkeep.pgbackrest.config_path",
+        ),
+        (
+            "pgkeep: {pgbackrest: {stanza: main}}\n",
+            "pgkeep.pgbackrest.config_path",
+        ),
+        (
+            "pgkeep: {pgbackrest: {config_path: /p, stanza: 'a b'}}\n",
+            "pgkeep.pgbackrest.stanza",
+        ),
+    ] {
+        assert_eq!(parse(extra).unwrap_err().key, key, "{extra}");
+    }
+}

@@ -157,7 +157,7 @@ pub fn node_config(layout: &Layout, inv: &Inventory, h: &DbHost) -> Result<Value
         parameters["archive_command"] = json!(archive);
         parameters["restore_command"] = json!(restore);
     }
-    Ok(json!({
+    let mut v = json!({
         "scope": inv.cluster,
         "namespace": inv.namespace,
         "name": n,
@@ -205,7 +205,14 @@ pub fn node_config(layout: &Layout, inv: &Inventory, h: &DbHost) -> Result<Value
         // A local environment never arms a hardware watchdog: a missed ping reboots the machine.
         "watchdog": {"mode": "off"},
         "log": {"level": "info"},
-    }))
+    });
+    if inv.backup_host.is_some() {
+        v["pgkeep"] = json!({"pgbackrest": {
+            "config_path": s(&super::backup::node_config_path(layout, n)),
+            "stanza": inv.cluster,
+        }});
+    }
+    Ok(v)
 }
 
 /// YAML of `v` after `header`, top-level keys in Patroni's usual order (nested keys sorted).
@@ -221,6 +228,7 @@ fn yaml(header: &str, v: &Value) -> Result<String> {
         "postgresql",
         "watchdog",
         "log",
+        "pgkeep",
     ];
     let mut out = header.to_owned();
     let Value::Object(map) = v else {

@@ -369,7 +369,7 @@ impl Quick<'_> {
     }
 
     /// `up` again; it must succeed and start exactly `node`'s agent, finding the three etcd
-    /// members and the other two agents running.
+    /// members, the other two agents and the four pgBackRest servers running.
     pub(super) fn up_starts_only(&self, node: &str) -> Result<()> {
         let out = self.sc.up(&[])?;
         let started: Vec<&str> = out
@@ -381,8 +381,9 @@ impl Quick<'_> {
             "up started {started:?}, not just {node}'s agent:\n{out}"
         );
         ensure!(
-            out.matches("already running").count() == 5,
-            "up did not find the 3 etcd members and the other 2 agents running:\n{out}"
+            out.matches("already running").count() == 9,
+            "up did not find the 3 etcd members, the other 2 agents and the 4 pgBackRest \
+             servers running:\n{out}"
         );
         Ok(())
     }
