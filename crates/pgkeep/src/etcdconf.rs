@@ -142,7 +142,20 @@ pub fn cluster_plan(inv: &Inventory, operators: &[String]) -> Result<Plan, Acces
         access::password_user(PATRONICTL, &inv.cluster),
         "patronictl, through the JSON gateway".to_owned(),
     )];
-    Plan::cluster(&inv.namespace, &inv.cluster, &cert_users, &readonly)
+    let mut plan = Plan::cluster(&inv.namespace, &inv.cluster, &cert_users, &readonly)?;
+    // The backup scheduler on the repository host only reads the cluster (who is primary).
+    if let Some(b) = &inv.backup_host {
+        plan.users.push(access::User {
+            name: format!("{ETCD_CLIENT_CN_PREFIX}{}", b.name),
+            credential: access::Credential::Certificate,
+            roles: vec![access::role_name(&inv.cluster, access::Access::ReadOnly)],
+            about: format!(
+                "backup scheduler on {}, certificate etcd-client-{}, read only",
+                b.name, b.name
+            ),
+        });
+    }
+    Ok(plan)
 }
 
 /// Where `etcdctl` finds what the access script needs.

@@ -17,3 +17,4 @@ pub mod local;
 pub mod pgbackrest;
 pub mod pki;
 pub mod postgres;
+pub mod scheduler;

@@ -42,6 +42,12 @@ enum Command {
     Backup(cli::backup::BackupArgs),
     /// Restore the cluster to a point in time from the pgBackRest repository (new timeline).
     Restore(cli::backup::RestoreArgs),
+    /// Run scheduled backups on the pgBackRest repository host (as the pgbackrest user).
+    BackupScheduler {
+        /// The scheduler's configuration file.
+        #[arg(short = 'c', long = "config")]
+        config: std::path::PathBuf,
+    },
     /// The fence guard the agent starts beside itself (not for direct use).
     #[command(hide = true)]
     FenceGuard {
@@ -83,6 +89,7 @@ fn main() -> std::process::ExitCode {
         Command::Etcd(a) => cli::etcd::run(a),
         Command::Backup(a) => cli::backup::run(a),
         Command::Restore(a) => cli::backup::run_restore(a),
+        Command::BackupScheduler { config } => run_scheduler(&config),
         Command::FenceGuard {
             state,
             config_dir,
@@ -94,6 +101,18 @@ fn main() -> std::process::ExitCode {
         }),
     };
     exit(result)
+}
+
+fn run_scheduler(config: &std::path::Path) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    let cfg = pgkeep::scheduler::SchedulerConfig::load(config)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(pgkeep::scheduler::run(cfg))
 }
 
 fn run_guard(args: &pgkeep::guard::GuardArgs) -> anyhow::Result<()> {

@@ -9,7 +9,9 @@
 //!   silently ignoring it as Patroni does.
 //! * [`restart_order`]: the order in which `ctl restart` restarts members when hot-standby-critical
 //!   parameters change (PostgreSQL requires a standby's values to be at least the primary's).
+//! * [`backup_schedule`]: cron schedules of backups and what the backup scheduler runs now.
 
+pub mod backup_schedule;
 pub mod config_edit;
 pub mod restart_order;
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! pgkeep up   [--dir D] [--cluster NAME] [--ca-cert FILE --ca-key FILE] [--timeout SECS]
-//!             [--no-agents] [--no-haproxy] [--no-backup]
+//!             [--no-agents] [--no-haproxy] [--no-backup] [--no-backup-scheduler]
 //! pgkeep down [--dir D] [--purge] [--timeout SECS]
 //! ```
 
@@ -47,6 +47,9 @@ pub struct UpArgs {
     /// A new environment without a pgBackRest repository host (no archiving, no backups).
     #[arg(long)]
     pub no_backup: bool,
+    /// Do not start the backup scheduler (backups only with `pgkeep backup run`).
+    #[arg(long)]
+    pub no_backup_scheduler: bool,
 }
 
 /// `pgkeep down`.
@@ -73,6 +76,7 @@ pub fn run_up(a: UpArgs) -> Result<()> {
         agents: !a.no_agents,
         haproxy: !a.no_haproxy,
         backup: !a.no_backup,
+        backup_scheduler: !a.no_backup_scheduler,
     })
 }
 

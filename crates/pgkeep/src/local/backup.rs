@@ -10,6 +10,8 @@
 //!   tls/                  0700 pgbackrest: pgbackrest-backup (server), pgbackrest-client-backup
 //! D/nodes/<n>/pgbackrest/ 0750 root:postgres: pgbackrest.conf (0640), conf.d/ (empty)
 //!   spool/ log/ lock/     0700 postgres: asynchronous archiving's queue, logs, locks
+//! D/backup/scheduler.yml  0640 root:pgbackrest: `pgkeep backup-scheduler`'s configuration
+//!                         (its status: D/backup/scheduler-status.json)
 //! D/secrets/pgbackrest-cipher.pw   the passphrase (0600 root)
 //! ```
 //!
@@ -228,6 +230,12 @@ pub fn write_files(
         0o640,
         Some(&group_owner(pgbr)),
     )?;
+    write(
+        &scheduler_config(layout),
+        &scheduler_yaml(layout, inv, b)?,
+        0o640,
+        Some(&group_owner(pgbr)),
+    )?;
     let pass = files::secret(&cipher_secret(layout))?;
     write(
         &conf.join("conf.d/cipher.conf"),
@@ -251,6 +259,107 @@ pub fn write_files(
         )?;
     }
     Ok(())
+}
+
+/// `D/backup/scheduler.yml`.
+pub fn scheduler_config(layout: &Layout) -> PathBuf {
+    backup_dir(layout).join("scheduler.yml")
+}
+
+/// The local environment's backup schedule (cron, UTC): a full backup on Sundays at 01:00, a
+/// differential one the other days at 01:00, an incremental one every hour.
+pub const DEFAULT_SCHEDULE: [(&str, &str); 3] = [
+    ("full", "0 1 * * 0"),
+    ("diff", "0 1 * * 1-6"),
+    ("incr", "0 * * * *"),
+];
+
+fn scheduler_yaml(layout: &Layout, inv: &Inventory, b: &BackupHost) -> Result<String> {
+    let etcd = pair(&repo_tls(layout), Service::EtcdClient, &b.name);
+    let doc = serde_json::json!({
+        "scope": inv.cluster,
+        "namespace": inv.namespace,
+        "etcd3": {
+            "hosts": inv.etcd_endpoints(),
+            "cacert": s(&layout.ca_cert()),
+            "cert": s(&etcd.cert),
+            "key": s(&etcd.key),
+        },
+        "pgbackrest": {"config_path": s(&repo_config_path(layout)), "stanza": inv.cluster},
+        "schedule": DEFAULT_SCHEDULE.iter().map(|(k, v)| ((*k).to_owned(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+        "grace": 3600,
+        "interval": 30,
+        "status_file": s(&backup_dir(layout).join("scheduler-status.json")),
+    });
+    Ok(format!(
+        "# pgkeep backup-scheduler -c {} (written by `pgkeep up`; edits are overwritten)\n{}",
+        s(&scheduler_config(layout)),
+        serde_saphyr::to_string(&doc).context("rendering the scheduler's YAML")?
+    ))
+}
+
+/// How `up` and `down` recognise the backup scheduler.
+pub fn scheduler_identity(layout: &Layout) -> Identity {
+    Identity {
+        program: "pgkeep".into(),
+        marker: s(&scheduler_config(layout)),
+    }
+}
+
+/// The backup scheduler, run by `exe` (the pgkeep binary) as `pgbackrest`.
+pub fn scheduler_spec(layout: &Layout, pgbr: &ServiceUser, exe: &Path) -> Spec {
+    Spec {
+        name: "backup-scheduler".into(),
+        user: pgbr.clone(),
+        program: exe.to_owned(),
+        args: vec![
+            "backup-scheduler".into(),
+            "-c".into(),
+            scheduler_config(layout).into_os_string(),
+        ],
+        home: backup_dir(layout),
+        log: layout.logs().join("backup-scheduler.log"),
+        pid_file: layout.run().join("backup-scheduler.pid"),
+        identity: scheduler_identity(layout),
+        listens: Vec::new(),
+    }
+}
+
+/// Stops the backup scheduler if it runs (a backup it started finishes on its own).
+pub fn stop_scheduler(layout: &Layout, timeout: Duration) -> Result<()> {
+    let id = scheduler_identity(layout);
+    for pid in spawn::scan(&id) {
+        if !spawn::stop(pid, &id, Signal::SIGTERM, timeout)? {
+            bail!("the backup scheduler (pid {pid}) did not stop");
+        }
+        println!("      backup scheduler stopped (pid {pid})");
+    }
+    Ok(())
+}
+
+/// Waits until no backup holds the repository's backup lock.
+pub fn wait_backup_done(layout: &Layout, inv: &Inventory, timeout: Duration) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        let json = repo_command(layout, inv, &["info", "--output=json"])?;
+        let v: serde_json::Value = serde_json::from_str(&json).context("pgbackrest info")?;
+        let held = v
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == inv.cluster.as_str()))
+            .is_some_and(|s| s["status"]["lock"]["backup"]["held"] == true);
+        if !held {
+            return Ok(());
+        }
+        if !said {
+            println!("      a backup is under way; waiting for it to finish");
+            said = true;
+        }
+        if t0.elapsed() > timeout {
+            bail!("a backup still holds the repository's lock after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }
 
 /// How `up` and `down` recognise the `pgbackrest server` whose configuration is in `config`.
@@ -318,6 +427,10 @@ pub fn stop_all(layout: &Layout, inv: &Inventory, timeout: Duration) -> Result<b
         .collect();
     configs.push(repo_config_path(layout));
     let mut all = true;
+    let sched = scheduler_identity(layout);
+    for pid in spawn::scan(&sched) {
+        all &= spawn::stop(pid, &sched, Signal::SIGTERM, timeout)?;
+    }
     for config in configs {
         let id = identity(&config);
         for pid in spawn::scan(&id) {
@@ -380,7 +493,7 @@ pub fn repo_command(layout: &Layout, inv: &Inventory, args: &[&str]) -> Result<S
 /// progress: error 050) is waited out, a few seconds at most.
 pub fn ensure_stanza(layout: &Layout, inv: &Inventory) -> Result<()> {
     let info = repo_command(layout, inv, &["info", "--output=json"])?;
-    let exists = crate::pgbackrest::info::parse(&info, &inv.cluster).is_ok_and(|s| s.status.0 == 0);
+    let exists = crate::pgbackrest::info::parse(&info, &inv.cluster).is_ok_and(|s| !s.missing());
     if !exists {
         retry_locked(|| repo_command(layout, inv, &["stanza-create"]))?;
     }

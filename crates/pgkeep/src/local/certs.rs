@@ -236,6 +236,8 @@ pub fn targets(
                 (vec![inv.fqdn(&b.name)], vec![b.address]),
             ),
             (Service::PgBackRestClient, none()),
+            // The backup scheduler's read-only etcd identity (CN pgkeep-<backup host>).
+            (Service::EtcdClient, none()),
         ] {
             out.push(Target {
                 service,

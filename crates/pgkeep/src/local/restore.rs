@@ -138,7 +138,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
         }
         Ok(())
     })?;
-    steps.run("stopping the agents", || {
+    let scheduler_was_running = !spawn::scan(&backup::scheduler_identity(&layout)).is_empty();
+    steps.run("stopping the backup scheduler and the agents", || {
+        // No backup may start while the data is replaced; one under way is waited for.
+        backup::stop_scheduler(&layout, Duration::from_secs(30))?;
+        backup::wait_backup_done(&layout, &inv, Duration::from_secs(1800))?;
         stop_agents(&layout, &inv, leader.as_deref(), Duration::from_secs(60))
     })?;
     steps.run("forgetting the old cluster state in etcd", || {
@@ -177,6 +181,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
         agents: true,
         haproxy: layout.haproxy_config().exists(),
         backup: true,
+        backup_scheduler: scheduler_was_running,
     })
 }
 

@@ -55,6 +55,8 @@ pub struct UpOptions {
     /// A new environment gets a pgBackRest repository host (an existing one keeps what its
     /// inventory says).
     pub backup: bool,
+    /// Start `pgkeep backup-scheduler` on the repository host.
+    pub backup_scheduler: bool,
 }
 
 /// Numbered progress lines; a failing step's error names the step.
@@ -213,14 +215,28 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         rt.block_on(health::ensure_roles(&layout, leader, &pg))
     })?;
     if with_backup {
-        steps.run("pgBackRest stanza and archive check", || {
-            backup::ensure_stanza(&layout, &inv)?;
-            println!(
-                "      stanza {} in place; WAL from the primary reaches the repository",
-                inv.cluster
-            );
-            Ok(())
-        })?;
+        steps.run(
+            "pgBackRest stanza, archive check and backup scheduler",
+            || {
+                backup::ensure_stanza(&layout, &inv)?;
+                println!(
+                    "      stanza {} in place; WAL from the primary reaches the repository",
+                    inv.cluster
+                );
+                if !opts.backup_scheduler {
+                    println!("      backup scheduler not started (--no-backup-scheduler)");
+                    return Ok(());
+                }
+                let exe = agent_binary(&layout, &pgbr_user)?;
+                ensure_running(&backup::scheduler_spec(&layout, &pgbr_user, &exe))?;
+                let sched: Vec<String> = backup::DEFAULT_SCHEDULE
+                    .iter()
+                    .map(|(k, v)| format!("{k} \"{v}\""))
+                    .collect();
+                println!("      schedule (UTC): {}", sched.join(", "));
+                Ok(())
+            },
+        )?;
     }
     if let Some(user) = &haproxy_user {
         steps.run("HAProxy (write and read ports)", || {

@@ -130,6 +130,14 @@ pub fn parse(json: &str, stanza: &str) -> Result<Stanza, PgBackRestError> {
     })
 }
 
+impl Stanza {
+    /// pgBackRest reports the stanza missing (status 1, no stanza path; 3, no stanza data):
+    /// `stanza-create` is needed. "No valid backups" (2) is a stanza that exists.
+    pub fn missing(&self) -> bool {
+        matches!(self.status.0, 1 | 3)
+    }
+}
+
 /// Bytes as a short human figure (KiB, MiB, GiB).
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
@@ -193,7 +201,13 @@ mod tests {
         )
         .unwrap();
         assert!(empty.backups.is_empty() && empty.archive.is_none());
-        assert_eq!(empty.status.0, 1);
+        assert!(empty.missing());
+        let no_backups = parse(
+            r#"[{"name":"bk","status":{"code":2,"message":"no valid backups"}}]"#,
+            "bk",
+        )
+        .unwrap();
+        assert!(!no_backups.missing());
     }
 
     #[test]

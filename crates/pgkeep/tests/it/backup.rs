@@ -87,8 +87,8 @@ fn stanza_json(sc: &Scenario) -> Result<Value> {
 #[test]
 fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover() -> Result<()> {
     let sc = Scenario::new("bk");
-    let out = sc.up(&["--no-haproxy"])?;
-    ensure!(out.contains("pgBackRest stanza and archive check"), "{out}");
+    let out = sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
+    ensure!(out.contains("pgBackRest stanza, archive check"), "{out}");
     let d = &sc.dir;
     let inv = sc.inventory()?;
     let cluster: Value = serde_json::from_str(&fs::read_to_string(d.join("cluster.json"))?)?;
@@ -241,7 +241,7 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
         "{table}"
     );
     // `up` again starts what is missing: the repository's server.
-    sc.up(&["--no-haproxy"])?;
+    sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
     wait_for("archiving to work again", || {
         switch_wal()?;
         Ok(archive_of_leader(&sc)?["failing"] == false)
@@ -354,7 +354,7 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
 #[test]
 fn restore_to_a_time_brings_a_dropped_table_back_on_a_new_timeline() -> Result<()> {
     let sc = Scenario::new("pitr");
-    sc.up(&["--no-haproxy"])?;
+    sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
     let cluster: Value = serde_json::from_str(&fs::read_to_string(sc.dir.join("cluster.json"))?)?;
     let app = cluster["libpq"]["app"].as_str().context("app libpq")?;
     psql(
@@ -429,4 +429,81 @@ fn restore_to_a_time_brings_a_dropped_table_back_on_a_new_timeline() -> Result<(
     ensure!(!auto.contains("recovery_target"), "{auto}");
     ok(&["backup", "check", "--dir", sc.d()])?;
     Ok(())
+}
+
+#[test]
+fn the_backup_scheduler_runs_a_missed_slot_once_and_reports_it() -> Result<()> {
+    use std::os::unix::fs::chown;
+    let sc = Scenario::new("sched");
+    sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
+    let d = &sc.dir;
+    // The environment's scheduler configuration, with a yearly full backup (1 January: always
+    // past, so missed on a new cluster), an incremental one every minute and a 1 s interval.
+    let conf = fs::read_to_string(d.join("backup/scheduler.yml"))?;
+    let mut doc: Value = serde_saphyr::from_str(&conf)?;
+    doc["schedule"] = serde_json::json!({"full": "0 0 1 1 *", "incr": "* * * * *"});
+    doc["interval"] = serde_json::json!(1);
+    doc["grace"] = serde_json::json!(60);
+    let status = d.join("backup/test-status.json");
+    doc["status_file"] = serde_json::json!(status.display().to_string());
+    let test_conf = d.join("backup/test-scheduler.yml");
+    fs::write(&test_conf, serde_saphyr::to_string(&doc)?)?;
+    let pgbr = nix::unistd::User::from_name("pgbackrest")?.context("pgbackrest user")?;
+    chown(&test_conf, Some(0), Some(pgbr.gid.as_raw()))?;
+    fs::set_permissions(&test_conf, fs::Permissions::from_mode(0o640))?;
+    // The binary as `up` gave it to the service users.
+    let exe = if d.join("bin/pgkeep").exists() {
+        d.join("bin/pgkeep")
+    } else {
+        env!("CARGO_BIN_EXE_pgkeep").into()
+    };
+    let log_path = d.join("logs/test-scheduler.log");
+    let log = fs::File::create(&log_path)?;
+    let mut child = Command::new("setpriv")
+        .arg(format!("--reuid={}", pgbr.uid))
+        .arg(format!("--regid={}", pgbr.gid))
+        .args(["--init-groups", "--"])
+        .arg(&exe)
+        .args(["backup-scheduler", "-c"])
+        .arg(&test_conf)
+        .current_dir("/")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        wait_for("the missed full backup", || {
+            let s = stanza_json(&sc)?;
+            Ok(s["backups"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|b| b["type"] == "full")))
+        })?;
+        // Several more checks pass: the slot is covered, no second full backup starts.
+        std::thread::sleep(Duration::from_secs(5));
+        let text = fs::read_to_string(&log_path)?;
+        ensure!(
+            text.matches("MISSED scheduled backup").count() == 1,
+            "the missed slot was not reported exactly once:\n{text}"
+        );
+        let fulls = stanza_json(&sc)?["backups"]
+            .as_array()
+            .map(|b| b.iter().filter(|b| b["type"] == "full").count())
+            .unwrap_or(0);
+        ensure!(fulls == 1, "{fulls} full backups:\n{text}");
+        let st: Value = serde_json::from_str(&fs::read_to_string(&status)?)?;
+        ensure!(
+            st["primary_known"] == true && st["last_result"]["ok"] == true,
+            "{st}"
+        );
+        ensure!(
+            st["last_result"]["missed_by_seconds"].is_u64() || st["last_result"]["type"] == "incr",
+            "{st}"
+        );
+        Ok(())
+    })();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id())?),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    result
 }

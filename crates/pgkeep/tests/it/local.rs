@@ -440,7 +440,7 @@ fn local_up_brings_a_healthy_cluster_and_down_up_keeps_it() -> Result<()> {
         .map(|i| sc.pid(&format!("node{i}-agent")))
         .collect::<Result<_>>()?;
     let out = sc.up(&[])?;
-    ensure!(out.matches("already running").count() == 10, "{out}");
+    ensure!(out.matches("already running").count() == 11, "{out}");
     let again: Vec<u32> = (1..=3)
         .map(|i| sc.pid(&format!("node{i}-agent")))
         .collect::<Result<_>>()?;

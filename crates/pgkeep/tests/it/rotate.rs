@@ -380,9 +380,10 @@ fn rotate_renews_every_certificate_without_failover() -> Result<()> {
     eprintln!(
         "rotate took {took:?}; writer: {oks} writes, errors {errors:?}, longest gap {longest:?}"
     );
-    // 8 per node, 3 etcd members, HAProxy's, the repository host's two, the operator's REST
-    // and etcd certificates, etcd's root and patronictl's gateway certificates.
-    ensure!(out.contains("Rotated 34 certificates"), "{out}");
+    // 8 per node, 3 etcd members, HAProxy's, the repository host's three (pgBackRest server
+    // and client, the scheduler's etcd client), the operator's REST and etcd certificates,
+    // etcd's root and patronictl's gateway certificates.
+    ensure!(out.contains("Rotated 35 certificates"), "{out}");
     ensure!(
         errors.is_empty(),
         "writes failed during the rotation: {errors:?}"
@@ -508,7 +509,8 @@ fn rotate_renews_every_certificate_without_failover() -> Result<()> {
     ensure!(file_serial(&cert)? != good_serial);
     let _ = key;
     let out = ok(&["pki", "rotate", "--dir", sc.d(), "--service", "etcd-client"])?;
-    ensure!(out.contains("Rotated 4 certificates"), "{out}");
+    // The three agents', the backup scheduler's and the operator's.
+    ensure!(out.contains("Rotated 5 certificates"), "{out}");
     let last = etcd_view(&dir, &inv)?;
     ensure!(last.leader == before.leader, "{:?}", last.leader);
     Ok(())

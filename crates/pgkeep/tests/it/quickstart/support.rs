@@ -369,7 +369,8 @@ impl Quick<'_> {
     }
 
     /// `up` again; it must succeed and start exactly `node`'s agent, finding the three etcd
-    /// members, the other two agents and the four pgBackRest servers running.
+    /// members, the other two agents, the four pgBackRest servers and the backup scheduler
+    /// running.
     pub(super) fn up_starts_only(&self, node: &str) -> Result<()> {
         let out = self.sc.up(&[])?;
         let started: Vec<&str> = out
@@ -381,9 +382,9 @@ impl Quick<'_> {
             "up started {started:?}, not just {node}'s agent:\n{out}"
         );
         ensure!(
-            out.matches("already running").count() == 9,
-            "up did not find the 3 etcd members, the other 2 agents and the 4 pgBackRest \
-             servers running:\n{out}"
+            out.matches("already running").count() == 10,
+            "up did not find the 3 etcd members, the other 2 agents, the 4 pgBackRest \
+             servers and the backup scheduler running:\n{out}"
         );
         Ok(())
     }
