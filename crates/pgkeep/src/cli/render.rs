@@ -6,10 +6,20 @@
 //!                       [--stats-socket PATH] [--state-file PATH] [--replica-lag SIZE]
 //! pgkeep render etcd --dir D                          # the flags and users `up` uses
 //! pgkeep render etcd --inventory FILE [--etc-dir DIR] [--data-dir DIR] [--operator NAME]...
+//! pgkeep render pgbackrest --dir D [--host NAME]      # the files `up` writes
+//! pgkeep render pgbackrest --inventory FILE [--host NAME] [--etc-dir DIR] [--data-dir DIR]
+//!                          [--repo-path DIR]
 //! ```
 //!
 //! Every target reads the same inventory (`D/inventory.yml`, the file `pgkeep up` writes, or a
 //! hand-written one for real hosts); with `--dir` the paths are the environment's own.
+//!
+//! `render pgbackrest` prints one block per file, each after a line
+//! `# ==== <host fqdn>: <path> ====`: the repository host's `pgbackrest.conf`, where its
+//! passphrase file goes (the passphrase itself is never printed), every node's
+//! `pgbackrest.conf`, then for every node the `archive_command` and `restore_command` of its
+//! local pgkeep configuration. With `--inventory` the paths are a Debian installation's
+//! ([`DeployPaths::default`]).
 
 use std::path::PathBuf;
 
@@ -19,7 +29,9 @@ use clap::{Args, Subcommand};
 use crate::etcdconf;
 use crate::haproxy::{self, Files, Plan};
 use crate::inventory::Inventory;
-use crate::local::Layout;
+use crate::local::{Layout, backup};
+use crate::pgbackrest::deploy::{self, DeployPaths};
+use crate::pgbackrest::{NodePlan, RepoPlan, render_node, render_repo};
 
 /// Where HAProxy's files live on a real load-balancer host by default.
 const ETC_DIR: &str = "/etc/haproxy/pgkeep";
@@ -41,6 +53,11 @@ pub enum RenderTarget {
     /// etcd: each member's flags (mutual TLS, client-certificate users, the JSON gateway on) and
     /// the access control (users, roles, authentication) as an idempotent etcdctl script.
     Etcd(EtcdArgs),
+    /// pgBackRest: the repository host's and every database node's `pgbackrest.conf` (TLS both
+    /// ways, named client certificates only), and each node's `archive_command` and
+    /// `restore_command`. Never the repository's passphrase.
+    #[command(name = "pgbackrest")]
+    PgBackRest(PgBackRestArgs),
 }
 
 /// Which cluster: an inventory file, or a local environment directory.
@@ -174,6 +191,10 @@ pub fn run(args: RenderArgs) -> Result<()> {
             print!("{}", etcd_document(&a)?);
             Ok(())
         }
+        RenderTarget::PgBackRest(a) => {
+            print!("{}", pgbackrest_document(&a)?);
+            Ok(())
+        }
     }
 }
 
@@ -190,6 +211,236 @@ fn load(source: &Source) -> Result<(Inventory, Option<Layout>)> {
         }
         (None, None) => anyhow::bail!("give --inventory FILE or --dir DIR"),
     }
+}
+
+/// `pgkeep render pgbackrest`.
+#[derive(Debug, Args)]
+pub struct PgBackRestArgs {
+    #[command(flatten)]
+    source: Source,
+    /// Print only this host's files (its inventory name or its FQDN).
+    #[arg(long, value_name = "NAME")]
+    host: Option<String>,
+    /// pgBackRest's configuration directory on the database nodes, given to every pgBackRest
+    /// command there as --config-path (with --inventory) [default: /etc/pgkeep/pgbackrest].
+    #[arg(long, value_name = "DIR", conflicts_with = "dir")]
+    etc_dir: Option<PathBuf>,
+    /// PostgreSQL's data directory on the database nodes (with --inventory)
+    /// [default: /var/lib/postgresql/15/main].
+    #[arg(long, value_name = "DIR", conflicts_with = "dir")]
+    data_dir: Option<PathBuf>,
+    /// The repository on the repository host, repo1-path (with --inventory)
+    /// [default: /var/lib/pgbackrest].
+    #[arg(long, value_name = "DIR", conflicts_with = "dir")]
+    repo_path: Option<PathBuf>,
+}
+
+/// One database node's part of `render pgbackrest`.
+struct NodeFiles {
+    /// Inventory name.
+    name: String,
+    plan: NodePlan,
+    /// The node's pgBackRest `--config-path`.
+    config_path: PathBuf,
+    /// `archive_command` and `restore_command`.
+    wal: (String, String),
+    /// Where the node's pgkeep configuration is (a description with --inventory).
+    agent_config: String,
+}
+
+/// Everything `render pgbackrest` prints, before rendering.
+struct BackRestFiles {
+    /// The repository host's inventory name.
+    backup: String,
+    repo: RepoPlan,
+    /// The repository host's pgBackRest `--config-path`.
+    repo_config_path: PathBuf,
+    /// What to say instead of the passphrase file's content.
+    cipher_note: String,
+    nodes: Vec<NodeFiles>,
+}
+
+/// One printed file (or comment block), on one host.
+struct Part {
+    host: String,
+    fqdn: String,
+    path: String,
+    body: String,
+}
+
+/// The passphrase file on a real repository host: where and how, never its content.
+const CIPHER_NOTE_DEPLOY: &str = "\
+# Not printed: the repository's encryption passphrase, which never leaves the repository host.
+# Create this file there only: owner pgbackrest, mode 0600, with a [global] section setting the
+# passphrase option of repo1 (pgBackRest's \"Repository Cipher Passphrase\") to a random value,
+# e.g. the output of `openssl rand -base64 48`. Never copy it to a database node, and keep a
+# copy offline: without it no backup can be restored.
+";
+
+fn deploy_files(inv: &Inventory, a: &PgBackRestArgs) -> Result<BackRestFiles> {
+    let mut paths = DeployPaths::default();
+    if let Some(p) = &a.etc_dir {
+        paths.node_config = p.clone();
+    }
+    if let Some(p) = &a.data_dir {
+        paths.data_dir = p.clone();
+    }
+    if let Some(p) = &a.repo_path {
+        paths.repo_path = p.clone();
+    }
+    let b = deploy::backup_host(inv)?;
+    let wal = deploy::wal_commands(inv, &paths)?;
+    let nodes = deploy::node_plans(inv, &paths)?
+        .into_iter()
+        .zip(&inv.database_hosts)
+        .map(|(plan, h)| NodeFiles {
+            name: h.name.clone(),
+            plan,
+            config_path: paths.node_config.clone(),
+            wal: wal.clone(),
+            agent_config: "its pgkeep configuration (pgkeep agent -c FILE)".into(),
+        })
+        .collect();
+    Ok(BackRestFiles {
+        backup: b.name.clone(),
+        repo: deploy::repo_plan(inv, &paths)?,
+        repo_config_path: paths.repo_config.clone(),
+        cipher_note: CIPHER_NOTE_DEPLOY.into(),
+        nodes,
+    })
+}
+
+fn local_files(l: &Layout, inv: &Inventory) -> Result<BackRestFiles> {
+    let b = deploy::backup_host(inv)?;
+    let nodes = inv
+        .database_hosts
+        .iter()
+        .map(|h| {
+            Ok(NodeFiles {
+                name: h.name.clone(),
+                plan: backup::node_plan(l, inv, h, b)?,
+                config_path: backup::node_config_path(l, &h.name),
+                wal: backup::wal_commands(l, inv, &h.name)?,
+                agent_config: l.node_config(&h.name).display().to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(BackRestFiles {
+        backup: b.name.clone(),
+        repo: backup::repo_plan(l, inv, b)?,
+        repo_config_path: backup::repo_config_path(l),
+        cipher_note: format!(
+            "# Not printed: the repository's encryption passphrase. `pgkeep up` writes this file\n\
+             # (owner pgbackrest, mode 0600) from {} (root, mode 0600).\n",
+            backup::cipher_secret(l).display()
+        ),
+        nodes,
+    })
+}
+
+/// A YAML single-quoted scalar.
+fn yaml_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The comment block with what goes into a node's pgkeep configuration.
+fn wal_block(stanza: &str, n: &NodeFiles) -> String {
+    let (archive, restore) = &n.wal;
+    format!(
+        "# Merge into this node's pgkeep configuration (local: these commands are never taken\n\
+         # from the DCS); archive_mode takes effect when PostgreSQL restarts.\n\
+         # postgresql:\n\
+         #   parameters:\n\
+         #     archive_mode: 'on'\n\
+         #     archive_command: {}\n\
+         #     restore_command: {}\n\
+         # pgkeep:\n\
+         #   pgbackrest:\n\
+         #     config_path: {}\n\
+         #     stanza: {stanza}\n",
+        yaml_quote(archive),
+        yaml_quote(restore),
+        n.config_path.display(),
+    )
+}
+
+/// The printed files in order: the repository host's, every node's configuration, every
+/// node's WAL commands.
+fn parts(inv: &Inventory, f: &BackRestFiles) -> Result<Vec<Part>> {
+    let on = |host: &str, path: String, body: String| Part {
+        host: host.to_owned(),
+        fqdn: inv.fqdn(host),
+        path,
+        body,
+    };
+    let mut v = vec![
+        on(
+            &f.backup,
+            f.repo_config_path
+                .join("pgbackrest.conf")
+                .display()
+                .to_string(),
+            render_repo(&f.repo).context("the repository host's pgbackrest.conf")?,
+        ),
+        on(
+            &f.backup,
+            f.repo_config_path
+                .join("conf.d/cipher.conf")
+                .display()
+                .to_string(),
+            f.cipher_note.clone(),
+        ),
+    ];
+    for n in &f.nodes {
+        let text = render_node(&n.plan).with_context(|| format!("{}'s pgbackrest.conf", n.name))?;
+        v.push(on(
+            &n.name,
+            n.config_path.join("pgbackrest.conf").display().to_string(),
+            text,
+        ));
+    }
+    for n in &f.nodes {
+        v.push(on(
+            &n.name,
+            n.agent_config.clone(),
+            wal_block(&f.repo.stanza, n),
+        ));
+    }
+    Ok(v)
+}
+
+fn pgbackrest_document(a: &PgBackRestArgs) -> Result<String> {
+    let (inv, layout) = load(&a.source)?;
+    let files = match &layout {
+        Some(l) => local_files(l, &inv),
+        None => deploy_files(&inv, a),
+    };
+    let what = match (&a.source.inventory, &layout) {
+        (_, Some(l)) => format!("the environment in {}", l.dir.display()),
+        (Some(f), None) => f.display().to_string(),
+        (None, None) => String::new(),
+    };
+    let files = files.with_context(|| format!("pgBackRest configuration for {what}"))?;
+    let mut all = parts(&inv, &files)?;
+    if let Some(h) = &a.host {
+        all.retain(|p| &p.host == h || &p.fqdn == h);
+        if all.is_empty() {
+            let mut names = vec![files.backup.clone()];
+            names.extend(files.nodes.iter().map(|n| n.name.clone()));
+            anyhow::bail!(
+                "--host {h}: not a pgBackRest host of the inventory (one of: {})",
+                names.join(", ")
+            );
+        }
+    }
+    let mut out = String::new();
+    for (i, p) in all.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!("# ==== {}: {} ====\n{}", p.fqdn, p.path, p.body));
+    }
+    Ok(out)
 }
 
 fn haproxy_config(a: &HaproxyArgs) -> Result<String> {
@@ -237,6 +488,127 @@ mod tests {
     #[test]
     fn default_lag_is_the_library_default() {
         assert_eq!(parse_lag("16MB"), Ok(DEFAULT_REPLICA_LAG));
+    }
+
+    fn backup_inventory() -> Inventory {
+        let mut inv = crate::inventory::test_inventory();
+        for (i, h) in inv.database_hosts.iter_mut().enumerate() {
+            h.pgbackrest_port = Some(28451 + u16::try_from(i).unwrap());
+        }
+        inv.backup_host = Some(crate::inventory::BackupHost {
+            name: "backup".into(),
+            address: "127.42.5.31".parse().unwrap(),
+            port: 28432,
+        });
+        inv
+    }
+
+    fn pgbackrest_args(source: Source, host: Option<&str>) -> PgBackRestArgs {
+        PgBackRestArgs {
+            source,
+            host: host.map(str::to_owned),
+            etc_dir: None,
+            data_dir: None,
+            repo_path: None,
+        }
+    }
+
+    #[test]
+    fn pgbackrest_for_a_real_deployment_never_prints_the_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("inventory.yml");
+        backup_inventory().save(&file).unwrap();
+        let source = || Source {
+            inventory: Some(file.clone()),
+            dir: None,
+        };
+        let text = pgbackrest_document(&pgbackrest_args(source(), None)).unwrap();
+        assert!(!text.contains("cipher-pass"), "{text}");
+        let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("# ====")).collect();
+        assert_eq!(
+            headers,
+            [
+                "# ==== backup.demo.internal: /etc/pgbackrest/pgbackrest.conf ====",
+                "# ==== backup.demo.internal: /etc/pgbackrest/conf.d/cipher.conf ====",
+                "# ==== node1.demo.internal: /etc/pgkeep/pgbackrest/pgbackrest.conf ====",
+                "# ==== node2.demo.internal: /etc/pgkeep/pgbackrest/pgbackrest.conf ====",
+                "# ==== node3.demo.internal: /etc/pgkeep/pgbackrest/pgbackrest.conf ====",
+                "# ==== node1.demo.internal: its pgkeep configuration (pgkeep agent -c FILE) ====",
+                "# ==== node2.demo.internal: its pgkeep configuration (pgkeep agent -c FILE) ====",
+                "# ==== node3.demo.internal: its pgkeep configuration (pgkeep agent -c FILE) ====",
+            ]
+        );
+        for want in [
+            "openssl rand -base64 48",
+            "#     archive_command: '/usr/bin/pgbackrest --config-path=/etc/pgkeep/pgbackrest \
+             --stanza=demo archive-push %p'\n",
+            "tls-server-auth=pgbackrest-client-node2=demo\n",
+        ] {
+            assert!(text.contains(want), "{want:?} missing:\n{text}");
+        }
+
+        let mut args = pgbackrest_args(source(), Some("node2.demo.internal"));
+        args.etc_dir = Some("/etc/pgkeep/br".into());
+        args.data_dir = Some("/srv/pg/main".into());
+        let one = pgbackrest_document(&args).unwrap();
+        assert_eq!(one.matches("# ====").count(), 2, "{one}");
+        assert!(one.contains("pg1-path=/srv/pg/main\n"), "{one}");
+        assert!(one.contains("--config-path=/etc/pgkeep/br "), "{one}");
+        assert!(!one.contains("node1"), "{one}");
+        let repo = pgbackrest_document(&pgbackrest_args(source(), Some("backup"))).unwrap();
+        assert_eq!(repo.matches("# ====").count(), 2, "{repo}");
+        let e = pgbackrest_document(&pgbackrest_args(source(), Some("lb"))).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("backup, node1, node2, node3"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn pgbackrest_errors_name_the_inventory_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("inventory.yml");
+        let mut inv = backup_inventory();
+        inv.database_hosts[2].pgbackrest_port = None;
+        inv.save(&file).unwrap();
+        let source = || Source {
+            inventory: Some(file.clone()),
+            dir: None,
+        };
+        let e = pgbackrest_document(&pgbackrest_args(source(), None)).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("database_hosts[2].pgbackrest_port"),
+            "{e:#}"
+        );
+        inv.backup_host = None;
+        inv.save(&file).unwrap();
+        let e = pgbackrest_document(&pgbackrest_args(source(), None)).unwrap_err();
+        assert!(format!("{e:#}").contains("no backup_host"), "{e:#}");
+    }
+
+    #[test]
+    fn pgbackrest_for_a_local_environment_uses_its_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path()).unwrap();
+        backup_inventory().save(&layout.inventory()).unwrap();
+        let source = Source {
+            inventory: None,
+            dir: Some(dir.path().to_owned()),
+        };
+        let text = pgbackrest_document(&pgbackrest_args(source, None)).unwrap();
+        assert!(!text.contains("cipher-pass"), "{text}");
+        let d = layout.dir.display();
+        for want in [
+            format!("# ==== backup.demo.internal: {d}/backup/conf/pgbackrest.conf ====\n"),
+            format!(
+                "# ==== node1.demo.internal: {d}/nodes/node1/pgbackrest/pgbackrest.conf ====\n"
+            ),
+            format!("# ==== node3.demo.internal: {d}/nodes/node3/node.yml ====\n"),
+            format!("repo1-path={d}/backup/repo\n"),
+            format!("{d}/secrets/pgbackrest-cipher.pw"),
+        ] {
+            assert!(text.contains(&want), "{want:?} missing:\n{text}");
+        }
     }
 
     #[test]

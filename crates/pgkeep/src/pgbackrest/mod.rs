@@ -32,6 +32,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+pub mod deploy;
 pub mod info;
 #[cfg(test)]
 mod tests;
