@@ -3,6 +3,7 @@
 //! Nothing here decides; everything here talks to the world.
 
 mod apps;
+mod archive_gap;
 mod callbacks;
 mod clone;
 mod control;

@@ -124,7 +124,7 @@ impl Shell {
                         obs.process = PgProcess::Promoting;
                     } else if !sql.in_recovery {
                         if self.promote_requested {
-                            self.checkpoint_after_promote();
+                            self.checkpoint_after_promote(sql.timeline);
                         }
                         self.promote_requested = false;
                     }
@@ -390,8 +390,12 @@ impl Shell {
     /// reads the source's timeline from its control file, which names the new timeline only
     /// after the first checkpoint on it. Until it is done the member key says
     /// `checkpoint_after_promote: false` and nodes wait before rewinding from this one.
-    fn checkpoint_after_promote(&mut self) {
+    ///
+    /// With pgBackRest, the previous timeline's segments still in `pg_wal` are queued for the
+    /// archiver before that checkpoint (see [`super::archive_gap`]).
+    fn checkpoint_after_promote(&mut self, timeline: u32) {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gap = self.cfg.pgbackrest.clone().map(|_| self.instance.clone());
         self.promote_checkpoint = Some(done.clone());
         let socket = self.layout.socket_dir().to_owned();
         let port = self.layout.node.port;
@@ -411,15 +415,45 @@ impl Shell {
                     std::time::Duration::from_secs(10),
                 )
                 .await?;
+                let aside = match &gap {
+                    Some(instance) => {
+                        let seg: i64 = c
+                            .query_one(
+                                "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'",
+                                &[],
+                            )
+                            .await
+                            .map_err(|e| anyhow::anyhow!("wal_segment_size: {e}"))?
+                            .get(0);
+                        let seg = u64::try_from(seg).unwrap_or(16 << 20);
+                        match super::archive_gap::mark_ready(&instance.data_dir, timeline, seg) {
+                            Ok(marked) => Some(marked),
+                            Err(e) => {
+                                tracing::warn!(error = format!("{e:#}"), "cannot queue the previous timeline's WAL for the archive");
+                                None
+                            }
+                        }
+                    }
+                    None => None,
+                };
                 c.batch_execute("CHECKPOINT")
                     .await
-                    .map_err(|e| anyhow::anyhow!("CHECKPOINT: {e}"))
+                    .map_err(|e| anyhow::anyhow!("CHECKPOINT: {e}"))?;
+                Ok::<_, anyhow::Error>(aside)
             }
             .await;
             match result {
-                Ok(()) => {
+                Ok(aside) => {
                     done.store(true, std::sync::atomic::Ordering::SeqCst);
                     tracing::info!("checkpoint after promotion done");
+                    if let Some(marked) = aside {
+                        tracing::info!(
+                            segments = marked.len(),
+                            first = marked.first().map(String::as_str).unwrap_or("-"),
+                            last = marked.last().map(String::as_str).unwrap_or("-"),
+                            "previous timeline's WAL queued for the archive (segments the old primary may not have pushed)"
+                        );
+                    }
                 }
                 Err(e) => tracing::warn!(
                     error = format!("{e:#}"),

@@ -3,9 +3,10 @@
 //!
 //! The procedure (what a DBA would do by hand, in this order):
 //!
-//! 1. Make sure the WAL up to now is in the archive (`pgbackrest check` forces a WAL switch and
-//!    waits for it), when a primary still runs: a target after the last archived transaction
-//!    cannot be reached.
+//! 1. When a primary still runs: commit one transaction (recovery to a time stops at the first
+//!    commit after it, so there must be one) and make sure the WAL up to now is in the archive
+//!    (`pgbackrest check` forces a WAL switch and waits for it). Without a primary, a target
+//!    after the last archived commit cannot be reached (`--latest` can).
 //! 2. Stop every agent (replicas first; each stops its PostgreSQL). Nothing may fail over or
 //!    restart PostgreSQL while the data is replaced; this is stronger than a pause.
 //! 3. Forget the old cluster's state in etcd that would stop the restored node from leading:
@@ -125,9 +126,20 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
         Ok((node, leader))
     })?;
     steps.run("archiving the newest WAL", || {
-        if leader.is_none() {
+        let Some(lh) = leader
+            .as_ref()
+            .and_then(|l| inv.database_hosts.iter().find(|h| &h.name == l))
+        else {
             println!("      no leader: the archive holds what was archived before it stopped");
             return Ok(());
+        };
+        // A recovery to a time stops at the first commit after it; one made now guarantees
+        // there is one for any target up to now.
+        if let Err(e) = rt.block_on(health::psql(&layout, lh, &pg, "SELECT txid_current()")) {
+            println!(
+                "      WARNING: no transaction could be committed on {}: {e:#}",
+                lh.name
+            );
         }
         match backup::repo_command(&layout, &inv, &["check"]) {
             Ok(_) => println!("      the primary's current WAL is in the archive"),
@@ -290,7 +302,7 @@ async fn recover(
         bail!(
             "PostgreSQL of {} did not start ({st}):\n{}",
             node.name,
-            spawn::log_tail(&log, 20)
+            recovery_log_tail(&log)
         );
     }
     let t0 = Instant::now();
@@ -329,7 +341,7 @@ async fn recover(
                         "PostgreSQL of {} stopped during recovery ({e:#}); the target may lie \
                          after the end of the archive:\n{}",
                         node.name,
-                        spawn::log_tail(&log, 20)
+                        recovery_log_tail(&log)
                     ));
                 }
             }
@@ -369,6 +381,18 @@ async fn recover(
         bail!("PostgreSQL of {} did not stop ({st})", node.name);
     }
     Ok(())
+}
+
+/// The last lines of PostgreSQL's log that are about recovery (not our own connections).
+fn recovery_log_tail(log: &std::path::Path) -> String {
+    let text = spawn::log_tail(log, 400);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            !l.contains(" connection ") && !l.contains("disconnection") && !l.contains("AUDIT")
+        })
+        .collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
 }
 
 /// Removes everything inside `dir` (the directory itself, its owner and mode stay).

@@ -507,3 +507,158 @@ fn the_backup_scheduler_runs_a_missed_slot_once_and_reports_it() -> Result<()> {
     let _ = child.wait();
     result
 }
+
+/// SIGKILLs every process of node `n` of the environment: its agent, its fence guard and its
+/// postmaster (a host that dies at once).
+fn kill_node(d: &Path, n: &str) -> Result<()> {
+    let mut pids = Vec::new();
+    let node_dir = d.join(format!("nodes/{n}"));
+    for e in fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let ours = cmd.contains(&format!("{}/", node_dir.display()))
+            || cmd.contains(&format!("{}.", node_dir.join("data").display()));
+        if ours
+            && (cmd.contains("pgkeep") || cmd.contains("postgres"))
+            && !cmd.contains("pgbackrest")
+        {
+            pids.push(pid);
+        }
+    }
+    ensure!(!pids.is_empty(), "no process of {n} found");
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn wal_the_dead_primary_never_archived_reaches_the_archive_and_pitr_crosses_it() -> Result<()> {
+    let sc = Scenario::new("gap");
+    sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
+    let d = sc.dir.clone();
+    let cluster: Value = serde_json::from_str(&fs::read_to_string(d.join("cluster.json"))?)?;
+    let app = cluster["libpq"]["app"]
+        .as_str()
+        .context("app libpq")?
+        .to_owned();
+    psql(&app, "CREATE TABLE t(batch int, x int)")?;
+    ok(&["backup", "run", "--dir", sc.d(), "--type", "full"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let leader = sc
+        .ctl_list()?
+        .into_iter()
+        .find(|r| r["role"] == "leader")
+        .and_then(|r| r["name"].as_str().map(str::to_owned))
+        .context("no leader")?;
+    let su = cluster["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == leader.as_str()))
+        .and_then(|m| m["superuser_libpq"].as_str())
+        .context("superuser libpq")?
+        .to_owned();
+
+    // The repository goes away: archiving lags while three segments fill and are streamed.
+    let repo_pid: i32 = fs::read_to_string(d.join("run/backup-pgbackrest.pid"))?
+        .trim()
+        .parse()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(repo_pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    for batch in 1..=3 {
+        psql(
+            &app,
+            &format!("INSERT INTO t SELECT {batch}, g FROM generate_series(1, 1000) g"),
+        )?;
+        let out = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "/usr/lib/postgresql/15/bin/psql",
+                &su,
+            ])
+            .args(["-XAtqc", "SELECT pg_switch_wal()"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let target = psql(&app, "SELECT clock_timestamp()")?;
+    std::thread::sleep(Duration::from_secs(1));
+    // Replicas have everything; the primary has not archived it.
+    wait_for("the replicas to catch up", || {
+        Ok(sc
+            .ctl_list()?
+            .iter()
+            .filter(|r| r["role"] != "leader")
+            .all(|r| r["lag"] == 0))
+    })?;
+    let ready: Vec<String> =
+        fs::read_dir(d.join(format!("nodes/{leader}/data/pg_wal/archive_status")))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".ready") && n.len() == 30)
+            .collect();
+    ensure!(
+        ready.len() >= 3,
+        "the primary should lag in archiving: {ready:?}"
+    );
+
+    // The primary's host dies; the repository comes back.
+    kill_node(&d, &leader)?;
+    let pgbr = nix::unistd::User::from_name("pgbackrest")?.context("pgbackrest user")?;
+    let log = fs::OpenOptions::new()
+        .append(true)
+        .open(d.join("logs/backup-pgbackrest.log"))?;
+    Command::new("setsid")
+        .args(["setpriv"])
+        .arg(format!("--reuid={}", pgbr.uid))
+        .arg(format!("--regid={}", pgbr.gid))
+        .args(["--init-groups", "--", "/usr/bin/pgbackrest"])
+        .arg(format!("--config-path={}", d.join("backup/conf").display()))
+        .arg("server")
+        .current_dir("/")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let mut new_leader = String::new();
+    wait_for("a new leader to push the old timeline's WAL", || {
+        for r in sc.ctl_list()? {
+            let name = r["name"].as_str().unwrap_or_default().to_owned();
+            if r["role"] == "leader" && name != leader {
+                let text = fs::read_to_string(d.join(format!("logs/{name}-agent.log")))?;
+                if text.contains("previous timeline's WAL queued for the archive") {
+                    new_leader = name;
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    })?;
+    let text = fs::read_to_string(d.join(format!("logs/{new_leader}-agent.log")))?;
+    let line = text
+        .lines()
+        .rfind(|l| l.contains("previous timeline's WAL queued for the archive"))
+        .unwrap_or_default();
+    ensure!(!line.contains("segments=0"), "{line}");
+    ok(&["backup", "check", "--dir", sc.d()])?;
+
+    // A point-in-time recovery to just before the kill crosses those segments.
+    let out = ok(&["restore", "--dir", sc.d(), "--target-time", &target])?;
+    ensure!(out.contains("promoted after"), "{out}");
+    ensure!(
+        psql(&app, "SELECT count(*), count(DISTINCT batch) FROM t")? == "3000|3",
+        "not every batch written before {target} is back"
+    );
+    Ok(())
+}
