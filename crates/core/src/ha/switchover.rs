@@ -20,8 +20,8 @@ enum Fitness {
 
 /// `name`'s fitness from its member data: running replica, failover allowed, on our timeline
 /// when `check_timeline`, in synchronous mode listed in `/sync`, and within
-/// `maximum_lag_on_failover`. Its position is the newer of its member key's and, when the
-/// shell fetched it this cycle, its own answer (a key can be a loop old).
+/// `maximum_lag_on_failover`. When the shell fetched its status this cycle, its own answer's
+/// position and timeline replace its member key's (a key can be a loop old).
 fn fitness(cx: &Ctx<'_>, name: &str) -> Fitness {
     let Some(m) = cx.member(name) else {
         return Fitness::Unfit;
@@ -34,7 +34,14 @@ fn fitness(cx: &Ctx<'_>, name: &str) -> Fitness {
     {
         return Fitness::Unfit;
     }
-    if cx.cfg.check_timeline && m.timeline.is_some() && m.timeline != cx.obs.pg.timeline {
+    let fresh = cx
+        .obs
+        .peers
+        .as_ref()
+        .and_then(|r| r.answers.get(name))
+        .filter(|s| s.running && !s.primary);
+    let timeline = fresh.map_or(m.timeline, |s| s.timeline);
+    if cx.cfg.check_timeline && timeline.is_some() && timeline != cx.obs.pg.timeline {
         return Fitness::Unfit;
     }
     if cx.sync_active() {
@@ -43,17 +50,7 @@ fn fitness(cx: &Ctx<'_>, name: &str) -> Fitness {
             return Fitness::Unfit;
         }
     }
-    let fresh = cx
-        .obs
-        .peers
-        .as_ref()
-        .and_then(|r| r.answers.get(name))
-        .filter(|s| s.running && !s.primary)
-        .map(|s| s.wal_position);
-    let pos = m
-        .xlog_location
-        .unwrap_or_default()
-        .max(fresh.unwrap_or_default());
+    let pos = fresh.map_or(m.xlog_location.unwrap_or_default(), |s| s.wal_position);
     let optime = cx.obs.pg.wal_position;
     if optime.0.saturating_sub(pos.0) > cx.cfg.maximum_lag_on_failover {
         return Fitness::Lagging;

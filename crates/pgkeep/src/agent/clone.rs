@@ -30,20 +30,25 @@ impl Shell {
         let instance = self.instance.clone();
         let initdb_marker = self.layout.config_dir.join(super::observe::INITDB_MARKER);
         let repository = self.cfg.pgbackrest.clone();
+        // The timeline the source is on (its member key): a backup must be on it.
+        let timeline = self
+            .watch
+            .snapshot()
+            .and_then(|s| s.view.members.get(source).and_then(|m| m.data.timeline));
         let source = source.to_owned();
         self.spawn_busy(LongOperation::Clone, async move {
             if let Some(p) = &repository {
                 tracing::info!(stanza = %p.stanza, wipe, "creating the replica from the pgBackRest repository (delta restore)");
-                match restore_replica(&instance, p).await {
+                match restore_replica(&instance, p, timeline).await {
                     Ok(()) => {
                         tracing::info!("replica restored from the pgBackRest repository; it catches up from the archive, then streams");
                         let _ = std::fs::remove_file(&initdb_marker);
                         return Ok(());
                     }
-                    // pgBackRest's exit code 75: no backup to restore (a new cluster's first replicas).
-                    Err(e) if format!("{e:#}").contains("exit status: 75") => tracing::info!(
+                    Err(e) if e.downcast_ref::<NoUsableBackup>().is_some() => tracing::info!(
                         %source,
-                        "the pgBackRest repository has no backup yet; cloning with pg_basebackup"
+                        reason = %e,
+                        "no backup in the pgBackRest repository to make this replica from; cloning with pg_basebackup"
                     ),
                     Err(e) => tracing::warn!(
                         error = %format!("{e:#}"),
@@ -148,21 +153,56 @@ impl Shell {
 }
 
 /// The data directory as of the repository's newest backup, in place (`--delta`: files that
-/// match are kept, so re-creating a diverged replica copies only what differs). No recovery
-/// settings are written (`--type=preserve`): the agent starts the node as a standby, which
-/// fetches the WAL since the backup from the archive (its `restore_command`) and then streams.
-/// pgBackRest writes the control file last, so an interrupted restore never starts.
+/// match are kept, so re-creating a diverged replica copies only what differs), with the
+/// backup's own `postgresql.auto.conf` and no recovery target (`--type=none`): the agent
+/// starts the node as a standby, which fetches the WAL since the backup from the archive (its
+/// `restore_command`) and then streams. pgBackRest writes the control file last, so an
+/// interrupted restore never starts.
+///
+/// Only a backup taken on the cluster's current timeline is used: after a point-in-time
+/// restore the newest backups lie on the abandoned timeline, past the new one's fork, and a
+/// standby made from them could never follow it. Without such a backup the caller clones with
+/// `pg_basebackup` (until the next backup).
 async fn restore_replica(
     instance: &crate::postgres::Instance,
     p: &crate::config::PgBackRest,
+    cluster_timeline: Option<u32>,
 ) -> Result<()> {
-    let mut args: Vec<OsString> = vec![
-        format!("--config-path={}", p.config_path.display()).into(),
-        format!("--stanza={}", p.stanza).into(),
-        format!("--pg1-path={}", instance.data_dir.display()).into(),
-        "--type=preserve".into(),
-        "--log-level-console=warn".into(),
+    let base = [
+        format!("--config-path={}", p.config_path.display()),
+        format!("--stanza={}", p.stanza),
     ];
+    let mut info_args: Vec<OsString> = base.iter().map(OsString::from).collect();
+    info_args.extend(["--output=json".into(), "info".into()]);
+    let info = instance
+        .runner
+        .run(PGBACKREST, &info_args, &[], Duration::from_secs(60))
+        .await
+        .context("pgbackrest info")?;
+    let stanza = crate::pgbackrest::info::parse(&info.stdout, &p.stanza)?;
+    let newest = stanza
+        .backups
+        .iter()
+        .rev()
+        .find(|b| !b.error)
+        .ok_or(NoUsableBackup("the repository has no backup yet".into()))?;
+    let backup_tli = u32::from_str_radix(newest.wal_stop.get(..8).unwrap_or(""), 16).ok();
+    if let (Some(b), Some(c)) = (backup_tli, cluster_timeline)
+        && b != c
+    {
+        return Err(NoUsableBackup(format!(
+            "the newest backup ({}) is on timeline {b}, the cluster on {c}",
+            newest.label
+        ))
+        .into());
+    }
+    let mut args: Vec<OsString> = base.iter().map(OsString::from).collect();
+    args.extend([
+        format!("--set={}", newest.label).into(),
+        format!("--pg1-path={}", instance.data_dir.display()).into(),
+        "--type=none".into(),
+        "--log-level-console=warn".into(),
+    ]);
     // Delta needs a data directory to compare with; an empty one gets a plain restore.
     if instance.data_dir.join("PG_VERSION").exists() {
         args.push("--delta".into());
@@ -191,6 +231,11 @@ async fn restore_replica(
 
 /// Debian's pgBackRest.
 const PGBACKREST: &str = "/usr/bin/pgbackrest";
+
+/// The repository has no backup a replica can be made from (not a failure of pgBackRest).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NoUsableBackup(String);
 
 /// `<data_dir>.pgkeep-<what>`, beside the data directory.
 fn side_dir(data_dir: &std::path::Path, what: &str) -> std::path::PathBuf {

@@ -178,6 +178,15 @@ pub(super) fn write_files(
 pub(super) fn set_standby_signal(layout: &Layout, standby: bool) -> Result<()> {
     let path = layout.data_dir.join("standby.signal");
     if standby {
+        // A `recovery.signal` (left by a restore) would mean "recover, then promote" the day
+        // standby.signal is gone: a standby has none.
+        let recovery = layout.data_dir.join("recovery.signal");
+        match std::fs::remove_file(&recovery) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", recovery.display()));
+            }
+            _ => {}
+        }
         write_atomic(&path, b"", 0o600).with_context(|| format!("writing {}", path.display()))
     } else {
         match std::fs::remove_file(&path) {

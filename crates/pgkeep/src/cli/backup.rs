@@ -167,12 +167,35 @@ pub fn run(a: BackupArgs) -> Result<()> {
         }
         BackupCommand::Verify { dir } => {
             let (layout, inv) = environment(&dir)?;
-            let out = backup::repo_command(&layout, &inv, &["verify", "--log-level-console=info"])?;
+            // pgBackRest 2.45's verify exits 0 whatever it finds: its report decides.
+            let out =
+                backup::repo_command(&layout, &inv, &["verify", "--output=text", "--verbose"])?;
             print!("{out}");
+            verify_report_ok(&out)?;
             println!("ok: the repository of {} verified", inv.cluster);
             Ok(())
         }
     }
+}
+
+/// Checks `pgbackrest verify --output=text --verbose`: status ok, and every count of missing or
+/// invalid files zero.
+fn verify_report_ok(out: &str) -> Result<()> {
+    if !out.lines().any(|l| l.trim() == "status: ok") {
+        bail!("the repository did not verify (see the report above)");
+    }
+    for l in out.lines() {
+        for field in ["missing", "checksum invalid", "size invalid", "other"] {
+            let bad = l
+                .split(',')
+                .filter_map(|kv| kv.trim().strip_prefix(&format!("{field}: ")))
+                .any(|v| v.trim() != "0");
+            if bad {
+                bail!("the repository did not verify: {}", l.trim());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `list` table.
@@ -235,7 +258,8 @@ pub struct RestoreArgs {
     /// The node to restore (default: the current or last leader); the others clone from it.
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
-    /// The backup to start from (default: the newest one before the target).
+    /// The backup to start from (required with --target-name; default: the newest backup that
+    /// ended before the time or position).
     #[arg(long = "set", value_name = "LABEL")]
     pub backup: Option<String>,
     /// Seconds recovery (and the cluster's start afterwards) may take.
@@ -259,4 +283,26 @@ pub fn run_restore(a: RestoreArgs) -> Result<()> {
         backup: a.backup,
         timeout: std::time::Duration::from_secs(a.timeout),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verify_report_ok;
+
+    #[test]
+    fn a_verify_report_passes_only_when_ok_and_complete() {
+        let ok = "stanza: bk\nstatus: ok\n  archiveId: 15-1, total WAL checked: 10, total valid WAL: 10\n    missing: 0, checksum invalid: 0, size invalid: 0, other: 0\n";
+        assert!(verify_report_ok(ok).is_ok());
+        assert!(
+            verify_report_ok("stanza: bk\nstatus: error\n  No usable backup.info file\n").is_err()
+        );
+        assert!(verify_report_ok("").is_err());
+        let bad = ok.replace("checksum invalid: 0", "checksum invalid: 2");
+        assert!(
+            verify_report_ok(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum invalid: 2")
+        );
+    }
 }

@@ -362,11 +362,21 @@ pub fn wait_backup_done(layout: &Layout, inv: &Inventory, timeout: Duration) -> 
     }
 }
 
-/// How `up` and `down` recognise the `pgbackrest server` whose configuration is in `config`.
-fn identity(config: &Path) -> Identity {
+/// Every pgBackRest process whose `--config-path` is `config` (archivers, backups, remotes).
+fn any_identity(config: &Path) -> Identity {
     Identity {
         program: "pgbackrest".into(),
         marker: s(config),
+    }
+}
+
+/// The `pgbackrest server` of the configuration directory `config`: started with `--config=`
+/// (its file) rather than `--config-path=` like every other pgBackRest command here, so that a
+/// stale PID file never makes an archiver or a backup pass for the server.
+fn server_identity(config: &Path) -> Identity {
+    Identity {
+        program: "pgbackrest".into(),
+        marker: s(&config.join("pgbackrest.conf")),
     }
 }
 
@@ -387,11 +397,15 @@ pub fn server_specs(
         user: user.clone(),
         program: PathBuf::from(PGBACKREST_BIN),
         args: vec![
-            OsString::from(format!("--config-path={}", s(&config))),
+            OsString::from(format!("--config={}", s(&config.join("pgbackrest.conf")))),
+            OsString::from(format!(
+                "--config-include-path={}",
+                s(&config.join("conf.d"))
+            )),
             "server".into(),
         ],
         home,
-        identity: identity(&config),
+        identity: server_identity(&config),
         listens: vec![listen],
     };
     let mut v = vec![one(
@@ -417,8 +431,8 @@ pub fn server_specs(
 
 /// Stops every pgBackRest process of the environment: the nodes' servers and any
 /// asynchronous archiver their PostgreSQL left behind, then the repository host's server.
-/// Processes are found in `/proc` by their `--config-path` inside `D`. False when one still
-/// runs after `timeout`.
+/// Processes are found in `/proc` by their `--config-path` (or the server's `--config`) inside
+/// `D`. False when one still runs after `timeout`.
 pub fn stop_all(layout: &Layout, inv: &Inventory, timeout: Duration) -> Result<bool> {
     let mut configs: Vec<PathBuf> = inv
         .database_hosts
@@ -432,9 +446,10 @@ pub fn stop_all(layout: &Layout, inv: &Inventory, timeout: Duration) -> Result<b
         all &= spawn::stop(pid, &sched, Signal::SIGTERM, timeout)?;
     }
     for config in configs {
-        let id = identity(&config);
-        for pid in spawn::scan(&id) {
-            all &= spawn::stop(pid, &id, Signal::SIGTERM, timeout)?;
+        for id in [any_identity(&config), server_identity(&config)] {
+            for pid in spawn::scan(&id) {
+                all &= spawn::stop(pid, &id, Signal::SIGTERM, timeout)?;
+            }
         }
     }
     Ok(all)

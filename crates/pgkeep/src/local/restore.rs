@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail};
 use super::backup::{self, PGBACKREST_BIN};
 use super::down::{current_leader, stop_agents};
 use super::up::{Steps, UpOptions, up};
-use super::{Layout, ServiceUser, etcd, health, s, spawn};
+use super::{Layout, ServiceUser, etcd, files, health, s, spawn};
 use crate::dcs::{Dcs, EtcdDcs, Expect};
 use crate::inventory::{DbHost, Inventory};
 use crate::pgbackrest::{RecoveryTarget, restore_target_options};
@@ -90,7 +90,40 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
     );
     let mut steps = Steps::new(7);
 
+    let journal = layout.path("restore-in-progress.json");
     let (node, leader) = steps.run("backups and the node to restore", || {
+        if matches!(opts.target, RecoveryTarget::Name(_)) && opts.backup.is_none() {
+            bail!(
+                "--target-name needs --set LABEL: pgBackRest chooses the backup by itself only for \
+                 a time or a WAL position; give the newest backup taken before the restore point \
+                 (see `pgkeep backup list`)"
+            );
+        }
+        // A restore that stopped half way is resumed on the same node, never on another one
+        // whose data may be the last intact copy.
+        let resumed = match std::fs::read_to_string(&journal) {
+            Ok(text) => Some(
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["node"].as_str().map(str::to_owned))
+                    .with_context(|| {
+                        format!(
+                            "{} is damaged; remove it and give --node",
+                            journal.display()
+                        )
+                    })?,
+            ),
+            Err(_) => None,
+        };
+        if let (Some(r), Some(n)) = (&resumed, &opts.node)
+            && r != n
+        {
+            bail!(
+                "a restore of {r} did not finish ({}); finish it (pgkeep restore --node {r}) or \
+                 remove that file if {r}'s data must be given up",
+                journal.display()
+            );
+        }
         let s = crate::cli::backup::stanza(&layout, &inv)?;
         if s.backups.is_empty() {
             bail!(
@@ -103,10 +136,17 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
         {
             bail!("the repository has no backup {b}; see `pgkeep backup list`");
         }
+        if rt.block_on(paused(&layout, &inv))? {
+            bail!(
+                "the cluster is paused: a restored node would not start PostgreSQL nor take the \
+                 leader key; resume it first (pgkeep ctl resume)"
+            );
+        }
         let leader = current_leader(&layout, &inv);
         let name = opts
             .node
             .clone()
+            .or(resumed)
             .or_else(|| leader.clone())
             .unwrap_or_else(|| inv.database_hosts[0].name.clone());
         let node = inv
@@ -157,6 +197,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
         backup::wait_backup_done(&layout, &inv, Duration::from_secs(1800))?;
         stop_agents(&layout, &inv, leader.as_deref(), Duration::from_secs(60))
     })?;
+    files::write(
+        &journal,
+        &format!(
+            "{}\n",
+            serde_json::json!({"node": node.name, "target": format!("{:?}", opts.target)})
+        ),
+        0o600,
+        None,
+    )?;
     steps.run("forgetting the old cluster state in etcd", || {
         rt.block_on(reset_dcs(&layout, &inv))
     })?;
@@ -183,6 +232,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
             Ok(())
         },
     )?;
+    let _ = std::fs::remove_file(&journal);
     println!();
     println!("Starting the restored cluster:");
     up(&UpOptions {
@@ -195,6 +245,14 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
         backup: true,
         backup_scheduler: scheduler_was_running,
     })
+}
+
+/// True when the dynamic configuration says `pause`.
+async fn paused(layout: &Layout, inv: &Inventory) -> Result<bool> {
+    let settings = etcd::operator_settings(layout, inv, inv.etcd_endpoints());
+    let dcs = EtcdDcs::connect(&settings).await?;
+    let snap = dcs.load().await.context("reading the cluster from etcd")?;
+    Ok(snap.view.is_paused())
 }
 
 /// Deletes the member keys, the leader's last position, any failover request and `sync`;

@@ -384,6 +384,13 @@ pub fn render_cipher(passphrase: &str) -> Result<String, PgBackRestError> {
             "shorter than 32 characters; generate a random one",
         );
     }
+    // Checked here so that the error never carries the value, as `Ini::opt`'s would.
+    if passphrase.contains(['\n', '\r', '#']) || passphrase.trim() != passphrase {
+        return err(
+            "repo1-cipher-pass",
+            "has a line break, a '#' or surrounding spaces (not shown); generate a random one",
+        );
+    }
     let mut ini = Ini::new(
         "The repository's encryption passphrase. Mode 0600; never copy it to a database node.",
     );
@@ -495,6 +502,18 @@ pub fn restore_target_options(target: &RecoveryTarget) -> Result<Vec<String>, Pg
                 return err(
                     "target-time",
                     format!("{t:?} must start with a date (YYYY-MM-DD)"),
+                );
+            }
+            // Without a zone pgBackRest reads the host's local time and PostgreSQL its
+            // `timezone` setting: they could pick a backup and a stop point hours apart.
+            let clock = t.get(10..).unwrap_or("");
+            let zoned = clock.ends_with('Z')
+                || clock.ends_with(" UTC")
+                || clock.get(1..).is_some_and(|c| c.contains(['+', '-']));
+            if !zoned {
+                return err(
+                    "target-time",
+                    format!("{t:?} has no time zone; add one, e.g. \"{t}+00\""),
                 );
             }
             ("time", t)

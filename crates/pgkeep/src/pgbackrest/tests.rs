@@ -172,6 +172,9 @@ fn unusable_values_are_refused_with_the_option_named() {
         render_cipher("short").unwrap_err().what,
         "repo1-cipher-pass"
     );
+    let secret = format!("{}#tail", "s".repeat(40));
+    let e = render_cipher(&secret).unwrap_err().to_string();
+    assert!(e.contains("repo1-cipher-pass") && !e.contains("sss"), "{e}");
 }
 
 #[test]
@@ -301,6 +304,16 @@ fn recovery_targets_become_restore_options_and_bad_ones_are_named() {
             "--target-action=promote"
         ]
     );
+    for zoned in [
+        "2026-11-29 23:40:00Z",
+        "2026-11-29T23:40:00-05:00",
+        "2026-11-29 23:40:00 UTC",
+    ] {
+        assert!(
+            restore_target_options(&RecoveryTarget::Time(zoned.into())).is_ok(),
+            "{zoned}"
+        );
+    }
     assert_eq!(
         restore_target_options(&RecoveryTarget::Lsn("0/5000060".into())).unwrap()[1],
         "--target=0/5000060"
@@ -315,6 +328,10 @@ fn recovery_targets_become_restore_options_and_bad_ones_are_named() {
     );
     for (t, what) in [
         (RecoveryTarget::Time("yesterday".into()), "target-time"),
+        (
+            RecoveryTarget::Time("2026-11-29 23:40:00".into()),
+            "target-time",
+        ),
         (
             RecoveryTarget::Time("2026-11-29' ; x".into()),
             "target-time",

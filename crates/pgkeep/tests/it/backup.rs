@@ -144,7 +144,10 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
     ensure!(s["cipher"] == "aes-256-cbc", "{s}");
     ensure!(s["backups"].as_array().map(Vec::len) == Some(1), "{s}");
     let verify = ok(&["backup", "verify", "--dir", sc.d()])?;
-    ensure!(verify.contains("verified"), "{verify}");
+    ensure!(
+        verify.contains("status: ok") && verify.contains("status: valid"),
+        "{verify}"
+    );
 
     // A replica re-created (reinit) comes from the repository, then streams.
     let replica = if leader == "node3" { "node2" } else { "node3" };
@@ -286,7 +289,18 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     tcp.write_all(b"{\"cmd\":\"noop\"}\n")?;
     let mut answer = Vec::new();
-    let _ = tcp.read_to_end(&mut answer);
+    let closed = tcp.read_to_end(&mut answer);
+    // Closed (end of stream or reset), not left waiting for more.
+    let timed_out = closed.as_ref().is_err_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    });
+    ensure!(
+        !timed_out,
+        "the server kept a plaintext connection open: {closed:?}"
+    );
     ensure!(
         !String::from_utf8_lossy(&answer).contains("pgBackRest") && answer.len() < 64,
         "plain text answered: {answer:?}"
@@ -330,7 +344,7 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
     let s = stanza_json(&sc)?;
     let after = s["archive"][1].as_str().unwrap_or_default().to_owned();
     ensure!(
-        after[..8] > before[..8],
+        after.get(..8) > before.get(..8),
         "the archive did not reach a new timeline: {before} -> {after}"
     );
     let kinds: Vec<&str> = s["backups"]
@@ -625,7 +639,15 @@ fn wal_the_dead_primary_never_archived_reaches_the_archive_and_pitr_crosses_it()
         .arg(format!("--reuid={}", pgbr.uid))
         .arg(format!("--regid={}", pgbr.gid))
         .args(["--init-groups", "--", "/usr/bin/pgbackrest"])
-        .arg(format!("--config-path={}", d.join("backup/conf").display()))
+        // As `up` starts it, so that `up` (in the restore below) recognises it.
+        .arg(format!(
+            "--config={}",
+            d.join("backup/conf/pgbackrest.conf").display()
+        ))
+        .arg(format!(
+            "--config-include-path={}",
+            d.join("backup/conf/conf.d").display()
+        ))
         .arg("server")
         .current_dir("/")
         .stdout(log.try_clone()?)

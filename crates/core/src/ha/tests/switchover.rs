@@ -346,3 +346,17 @@ fn switchover_after_an_unclean_stop_is_never_confirmed() {
     assert_eq!(d.reason, Reason::SwitchoverAwaitingCandidate);
     assert!(!d.has(|a| *a == Action::ReleaseLeaderKey));
 }
+
+#[test]
+fn a_fresh_answer_outranks_the_member_key() {
+    // The key says n2 is caught up; n2 itself says it is 16 MiB behind (re-cloned since, say).
+    let mut fx = Fx::leader();
+    fx.failover(Some("n1"), Some("n2"));
+    fx.obs.pg.wal_position = Lsn(16 << 20);
+    fx.member("n2").xlog_location = Some(Lsn(16 << 20));
+    fx.peers(&[("n2", false, 1000)]);
+    assert_eq!(
+        fx.decide().reason,
+        Reason::FailoverRequestRejected(RejectedFailover::NoHealthyCandidate)
+    );
+}
