@@ -184,8 +184,9 @@ impl Cron {
     }
 }
 
-/// Year, month (1-12), day (1-31) of a day count since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
+/// Year, month (1-12), day (1-31) of a day count since 1970-01-01 (Howard Hinnant's
+/// days-to-civil algorithm).
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;

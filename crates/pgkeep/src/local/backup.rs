@@ -103,22 +103,25 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Node `h` as pgBackRest addresses it.
+fn pg_node(layout: &Layout, inv: &Inventory, h: &DbHost) -> Result<PgNode> {
+    Ok(PgNode {
+        host: inv.fqdn(&h.name),
+        tls_port: node_port(h)?,
+        data_dir: layout.data_dir(&h.name),
+        pg_port: h.pg_port,
+        socket_dir: layout.socket_dir(&h.name),
+        config_path: node_config_path(layout, &h.name),
+    })
+}
+
 /// The repository host's plan.
 pub fn repo_plan(layout: &Layout, inv: &Inventory, b: &BackupHost) -> Result<RepoPlan> {
     let tls = repo_tls(layout);
     let nodes = inv
         .database_hosts
         .iter()
-        .map(|h| {
-            Ok(PgNode {
-                host: inv.fqdn(&h.name),
-                tls_port: node_port(h)?,
-                data_dir: layout.data_dir(&h.name),
-                pg_port: h.pg_port,
-                socket_dir: layout.socket_dir(&h.name),
-                config_path: node_config_path(layout, &h.name),
-            })
-        })
+        .map(|h| pg_node(layout, inv, h))
         .collect::<Result<Vec<_>>>()?;
     Ok(RepoPlan {
         stanza: inv.cluster.clone(),
@@ -163,14 +166,7 @@ pub fn node_plan(layout: &Layout, inv: &Inventory, h: &DbHost, b: &BackupHost) -
     Ok(NodePlan {
         stanza: inv.cluster.clone(),
         paths: state_paths(&node_config_path(layout, &h.name)),
-        pg: PgNode {
-            host: inv.fqdn(&h.name),
-            tls_port: node_port(h)?,
-            data_dir: layout.data_dir(&h.name),
-            pg_port: h.pg_port,
-            socket_dir: layout.socket_dir(&h.name),
-            config_path: node_config_path(layout, &h.name),
-        },
+        pg: pg_node(layout, inv, h)?,
         repo_host: inv.fqdn(&b.name),
         repo_port: b.port,
         repo_config_path: repo_config_path(layout),

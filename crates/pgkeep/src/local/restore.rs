@@ -284,6 +284,22 @@ async fn reset_dcs(layout: &Layout, inv: &Inventory) -> Result<()> {
     Ok(())
 }
 
+/// `cmd` as the PostgreSQL user, in the node's directory, with a cleared environment.
+fn as_postgres<'a>(
+    cmd: &'a mut Command,
+    layout: &Layout,
+    node: &DbHost,
+    pg: &ServiceUser,
+) -> &'a mut Command {
+    use std::os::unix::process::CommandExt;
+    cmd.env_clear()
+        .env("PATH", spawn::SERVICE_PATH)
+        .env("HOME", layout.node_dir(&node.name))
+        .current_dir(layout.node_dir(&node.name))
+        .uid(pg.uid)
+        .gid(pg.gid)
+}
+
 fn pgbackrest_restore(
     layout: &Layout,
     inv: &Inventory,
@@ -292,7 +308,6 @@ fn pgbackrest_restore(
     target: &[String],
     set: Option<&str>,
 ) -> Result<()> {
-    use std::os::unix::process::CommandExt;
     let data = layout.data_dir(&node.name);
     super::files::dir(&data, 0o700, Some(pg))?;
     let (_, restore_command) = backup::wal_commands(layout, inv, &node.name)?;
@@ -311,14 +326,8 @@ fn pgbackrest_restore(
     if let Some(label) = set {
         cmd.arg(format!("--set={label}"));
     }
-    let status = cmd
-        .arg("restore")
-        .env_clear()
-        .env("PATH", spawn::SERVICE_PATH)
-        .env("HOME", layout.node_dir(&node.name))
-        .current_dir(layout.node_dir(&node.name))
-        .uid(pg.uid)
-        .gid(pg.gid)
+    cmd.arg("restore");
+    let status = as_postgres(&mut cmd, layout, node, pg)
         .status()
         .context("running pgbackrest restore")?;
     if !status.success() {
@@ -335,20 +344,13 @@ async fn recover(
     pg: &ServiceUser,
     timeout: Duration,
 ) -> Result<()> {
-    use std::os::unix::process::CommandExt;
     // In the node's own directory: the logs directory is root's.
     let log = layout.node_dir(&node.name).join("restore.log");
     let pg_ctl = format!("{}/pg_ctl", super::PG_BIN_DIR);
     let run = |args: &[&str]| -> Result<std::process::ExitStatus> {
-        Command::new(&pg_ctl)
-            .args(args)
-            .env_clear()
-            .env("PATH", spawn::SERVICE_PATH)
-            .env("HOME", layout.node_dir(&node.name))
-            .current_dir(layout.node_dir(&node.name))
-            .uid(pg.uid)
-            .gid(pg.gid)
-            .stdout(std::process::Stdio::null())
+        let mut cmd = Command::new(&pg_ctl);
+        cmd.args(args).stdout(std::process::Stdio::null());
+        as_postgres(&mut cmd, layout, node, pg)
             .status()
             .context("running pg_ctl")
     };

@@ -28,6 +28,39 @@ fn psql(conn: &str, sql: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// Node `name`'s superuser connection string (Unix socket, peer) from `cluster.json`, for `db`.
+fn superuser_conn(cluster: &Value, name: &str, db: &str) -> Result<String> {
+    Ok(cluster["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == name))
+        .and_then(|m| m["superuser_libpq"].as_str())
+        .with_context(|| format!("no superuser libpq string for {name}"))?
+        .replace("dbname=postgres", &format!("dbname={db}")))
+}
+
+/// Runs each of `sqls` with psql as the `postgres` OS user on `conn`; the last one's rows.
+fn su_psql(conn: &str, sqls: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("runuser");
+    cmd.args([
+        "-u",
+        "postgres",
+        "--",
+        "/usr/lib/postgresql/15/bin/psql",
+        conn,
+    ])
+    .args(["-XAtq", "-v", "ON_ERROR_STOP=1"]);
+    for s in sqls {
+        cmd.args(["-c", s]);
+    }
+    let out = cmd.output()?;
+    ensure!(
+        out.status.success(),
+        "psql {sqls:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// Runs pgBackRest as `user` with `config_path`, returns (success, stdout + stderr).
 fn pgbackrest(user: &str, config_path: &Path, args: &[&str]) -> Result<(bool, String)> {
     let out = Command::new("runuser")
@@ -204,29 +237,10 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
         nix::unistd::Pid::from_raw(repo_pid),
         nix::sys::signal::Signal::SIGTERM,
     )?;
-    let su = cluster["members"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["name"] == leader.as_str()))
-        .and_then(|m| m["superuser_libpq"].as_str())
-        .context("superuser libpq")?
-        .to_owned();
+    let su = superuser_conn(&cluster, &leader, "postgres")?;
     let switch_wal = || -> Result<()> {
         psql(app, "INSERT INTO secret_rows VALUES ('switch')")?;
-        let out = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                "/usr/lib/postgresql/15/bin/psql",
-                &su,
-            ])
-            .args(["-XAtqc", "SELECT pg_switch_wal()"])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        su_psql(&su, &["SELECT pg_switch_wal()"])?;
         Ok(())
     };
     switch_wal()?;
@@ -407,30 +421,13 @@ fn restore_to_a_time_brings_a_dropped_table_back_on_a_new_timeline() -> Result<(
     // Every member has the table: the replicas were cloned again from the restored primary.
     for r in &rows {
         let name = r["name"].as_str().unwrap_or_default();
-        let su = cluster["members"]
-            .as_array()
-            .and_then(|m| m.iter().find(|m| m["name"] == name))
-            .and_then(|m| m["superuser_libpq"].as_str())
-            .context("superuser libpq")?
-            .replace("dbname=postgres", "dbname=app");
-        let out = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                "/usr/lib/postgresql/15/bin/psql",
-                &su,
-            ])
-            // The app role's tables live in its own schema when it has one.
-            .args(["-XAtq", "-c", "SET search_path = app, public"])
-            .args(["-c", "SELECT count(*) FROM keep"])
-            .output()?;
-        ensure!(
-            String::from_utf8_lossy(&out.stdout).trim() == "1500",
-            "{name}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let su = superuser_conn(&cluster, name, "app")?;
+        // The app role's tables live in its own schema when it has one.
+        let count = su_psql(
+            &su,
+            &["SET search_path = app, public", "SELECT count(*) FROM keep"],
+        )?;
+        ensure!(count == "1500", "{name}: {count}");
     }
     // The restored node's recovery settings are gone; archiving continues on the new timeline.
     let auto = fs::read_to_string(sc.dir.join(format!(
@@ -571,12 +568,7 @@ fn wal_the_dead_primary_never_archived_reaches_the_archive_and_pitr_crosses_it()
         .find(|r| r["role"] == "leader")
         .and_then(|r| r["name"].as_str().map(str::to_owned))
         .context("no leader")?;
-    let su = cluster["members"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["name"] == leader.as_str()))
-        .and_then(|m| m["superuser_libpq"].as_str())
-        .context("superuser libpq")?
-        .to_owned();
+    let su = superuser_conn(&cluster, &leader, "postgres")?;
 
     // The repository goes away: archiving lags while three segments fill and are streamed.
     let repo_pid: i32 = fs::read_to_string(d.join("run/backup-pgbackrest.pid"))?
@@ -591,21 +583,7 @@ fn wal_the_dead_primary_never_archived_reaches_the_archive_and_pitr_crosses_it()
             &app,
             &format!("INSERT INTO t SELECT {batch}, g FROM generate_series(1, 1000) g"),
         )?;
-        let out = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                "/usr/lib/postgresql/15/bin/psql",
-                &su,
-            ])
-            .args(["-XAtqc", "SELECT pg_switch_wal()"])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        su_psql(&su, &["SELECT pg_switch_wal()"])?;
     }
     let target = psql(&app, "SELECT clock_timestamp()")?;
     std::thread::sleep(Duration::from_secs(1));
