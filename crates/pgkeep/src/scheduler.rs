@@ -128,16 +128,7 @@ impl SchedulerConfig {
             ));
         }
         let stanza = raw.pgbackrest.stanza.unwrap_or_else(|| raw.scope.clone());
-        if stanza.is_empty()
-            || !stanza
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(err(
-                "pgbackrest.stanza",
-                format!("{stanza:?} must be letters, digits, '-', '_' or '.'"),
-            ));
-        }
+        crate::pgbackrest::check_stanza(&stanza).map_err(|e| err("pgbackrest.stanza", e.reason))?;
         let interval = match raw.interval {
             None => 30,
             Some(v) if (1..=3600).contains(&v) => v,

@@ -192,16 +192,8 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
                 }
             };
             let stanza = p.stanza.unwrap_or_else(|| raw.scope.clone());
-            if stanza.is_empty()
-                || !stanza
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            {
-                return Err(err(
-                    "pgkeep.pgbackrest.stanza",
-                    format!("{stanza:?} must be letters, digits, '-', '_' or '.'"),
-                ));
-            }
+            crate::pgbackrest::check_stanza(&stanza)
+                .map_err(|e| err("pgkeep.pgbackrest.stanza", e.reason))?;
             Some(super::PgBackRest {
                 config_path,
                 stanza,

@@ -262,6 +262,12 @@ impl Ini {
     }
 }
 
+/// Checks a stanza name (letters, digits, '-', '.', '_'): the configuration files and the
+/// commands carry it unquoted.
+pub fn check_stanza(stanza: &str) -> Result<(), PgBackRestError> {
+    check_name("stanza", stanza)
+}
+
 fn check_name(what: &str, v: &str) -> Result<(), PgBackRestError> {
     let ok = !v.is_empty()
         && v.len() <= 253

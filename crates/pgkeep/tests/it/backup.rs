@@ -28,6 +28,18 @@ fn psql(conn: &str, sql: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// Stops the repository host's `pgbackrest server` (the repository becomes unreachable).
+fn stop_repository_server(d: &Path) -> Result<()> {
+    let pid: i32 = fs::read_to_string(d.join("run/backup-pgbackrest.pid"))?
+        .trim()
+        .parse()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    Ok(())
+}
+
 /// Node `name`'s superuser connection string (Unix socket, peer) from `cluster.json`, for `db`.
 fn superuser_conn(cluster: &Value, name: &str, db: &str) -> Result<String> {
     Ok(cluster["members"]
@@ -230,13 +242,7 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
         let a = archive_of_leader(&sc)?;
         Ok(a["failing"] == false && a["last_archived_wal"].is_string())
     })?;
-    let repo_pid: i32 = fs::read_to_string(d.join("run/backup-pgbackrest.pid"))?
-        .trim()
-        .parse()?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(repo_pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
+    stop_repository_server(d)?;
     let su = superuser_conn(&cluster, &leader, "postgres")?;
     let switch_wal = || -> Result<()> {
         psql(app, "INSERT INTO secret_rows VALUES ('switch')")?;
@@ -571,13 +577,7 @@ fn wal_the_dead_primary_never_archived_reaches_the_archive_and_pitr_crosses_it()
     let su = superuser_conn(&cluster, &leader, "postgres")?;
 
     // The repository goes away: archiving lags while three segments fill and are streamed.
-    let repo_pid: i32 = fs::read_to_string(d.join("run/backup-pgbackrest.pid"))?
-        .trim()
-        .parse()?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(repo_pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
+    stop_repository_server(&d)?;
     for batch in 1..=3 {
         psql(
             &app,
