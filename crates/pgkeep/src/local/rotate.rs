@@ -269,6 +269,9 @@ fn rotate_pgbackrest(
             if !spawn::stop(pid, &spec.identity, Signal::SIGTERM, timeout)? {
                 bail!("{} (pid {pid}) did not stop", spec.name);
             }
+            // The workers it forked for open connections (an archive push) keep its listening
+            // socket until their request ends.
+            spawn::wait_listen_free(spec, timeout)?;
             spawn::start(spec)?;
             wait_presented(layout, &l, &new, timeout)
                 .with_context(|| format!("{} after a restart", spec.name))?;

@@ -168,6 +168,24 @@ fn open_log(log: &Path) -> Result<fs::File> {
         .with_context(|| format!("opening the log {}", log.display()))
 }
 
+/// Waits until every address `spec` listens on can be bound again (a stopped server's forked
+/// workers may hold its socket until their last request ends), at most `timeout`.
+pub fn wait_listen_free(spec: &Spec, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for addr in &spec.listens {
+        while let Err(e) = TcpListener::bind(addr) {
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: {addr} is still in use after {timeout:?} ({e})",
+                    spec.name
+                );
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
 /// Starts `spec` and records its PID. The process gets a cleared environment (`HOME`, `USER`,
 /// `LOGNAME`, `PATH`, `LANG=C.UTF-8`), stdin from /dev/null and its output appended to the log.
 pub fn start(spec: &Spec) -> Result<u32> {
