@@ -162,6 +162,8 @@ impl World {
             initdb_unconfirmed: n.initdb_unconfirmed,
             bootstrap_allowed: n.bootstrap_allowed,
             watchdog_failed: false,
+            // The model has no backup repository.
+            backup_repository: false,
             requests: n.agent.requests.clone(),
             memory,
         }

@@ -159,6 +159,12 @@ pub enum Action {
         /// Remove the existing data directory first.
         wipe: bool,
     },
+    /// Make a replica from the backup repository's newest backup that lies on the cluster's
+    /// history (no running member to copy), wiping an invalid data directory first when `wipe`.
+    RestoreReplica {
+        /// The data directory is invalid.
+        wipe: bool,
+    },
     /// `initdb` of a new cluster (only after winning the `initialize` race).
     Initdb,
     /// `create_revision(initialize) == 0 → put(initialize, "", lease)`: the bootstrap race. The

@@ -56,6 +56,13 @@ pub(crate) fn plan_empty(cx: &mut Ctx<'_>) -> Plan {
             },
         )
         .with(Action::Clone { source, wipe }),
+        // Nobody leads (every member down, or the leader's lease expired): the repository still
+        // has the cluster's data. The replica it makes replays the archive, then races or
+        // follows. A leader key whose member is not running yet (starting) is waited for.
+        None if obs.backup_repository && cx.view.leader.is_none() => {
+            Plan::new(MemberState::Cloning, Reason::RestoringFromRepository)
+                .with(Action::RestoreReplica { wipe })
+        }
         None => Plan::new(
             MemberState::Uninitialized,
             Reason::WaitingForData(WaitingForData::NoSource),

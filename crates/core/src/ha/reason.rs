@@ -128,6 +128,8 @@ pub enum Reason {
         /// Source member.
         source: String,
     },
+    /// Empty data directory, no running member to copy: restoring from the backup repository.
+    RestoringFromRepository,
     /// Empty data directory and no way to get data yet.
     WaitingForData(WaitingForData),
     /// The data directory belongs to another cluster.
@@ -323,6 +325,10 @@ impl fmt::Display for Reason {
             R::BootstrapLost => write!(f, "bootstrap lost to another node: re-cloning"),
             R::BootstrapTakingLeadership => write!(f, "bootstrap done: taking the leader key"),
             R::CloningReplica { source } => write!(f, "cloning from {source}"),
+            R::RestoringFromRepository => write!(
+                f,
+                "no running member to copy: restoring a replica from the backup repository"
+            ),
             R::WaitingForData(w) => write!(f, "empty data directory: {w:?}"),
             R::SystemIdMismatch { local, cluster } => {
                 write!(

@@ -61,6 +61,42 @@ pub fn divergence(
     }
 }
 
+/// Whether a backup that ended at `stop` on `timeline` can become a replica of the cluster
+/// `view` describes: its WAL must be a prefix of the cluster's current timeline. The current
+/// timeline is the highest one a member publishes or the `history` key implies; a backup on an
+/// older timeline fits when it stopped at or before that timeline's switch point in `history`
+/// (after a point-in-time restore the newest backups lie past the fork and do not). With no
+/// timeline known at all, any backup fits: the standby follows the newest timeline it finds in
+/// the archive. `Err` says why the backup does not fit.
+pub fn backup_fits_cluster(
+    view: &crate::cluster::ClusterView,
+    timeline: u32,
+    stop: Lsn,
+) -> Result<(), String> {
+    let history = view.history.as_deref();
+    let history_tl = history.map(|h| h.last().map_or(1, |e| e.parent_timeline + 1));
+    let member_tl = view.members.values().filter_map(|m| m.data.timeline).max();
+    let Some(current) = member_tl.max(history_tl) else {
+        return Ok(());
+    };
+    // The history key describes the current timeline only when it reaches it.
+    let authoritative = history_tl == Some(current);
+    match divergence(Some(timeline), stop, Some(current), history, authoritative) {
+        Divergence::No => Ok(()),
+        Divergence::Yes {
+            switch_point: Some(at),
+        } => Err(format!(
+            "it stopped at {stop} on timeline {timeline}, past that timeline's end at {at} in the cluster's history (now on timeline {current})"
+        )),
+        Divergence::Yes { switch_point: None } => Err(format!(
+            "timeline {timeline} is not in the history of the cluster's timeline {current}"
+        )),
+        Divergence::Unknown => Err(format!(
+            "the cluster is on timeline {current} but its history in the DCS does not reach it yet"
+        )),
+    }
+}
+
 /// The member to stream from: the `replicatefrom` member when it is running, none for
 /// `nostream`, otherwise the leader.
 pub(crate) fn desired_upstream(cx: &Ctx<'_>, leader: &str) -> Option<String> {

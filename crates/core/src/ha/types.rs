@@ -313,6 +313,9 @@ pub struct LocalObservation {
     pub bootstrap_allowed: bool,
     /// The watchdog is required but does not work.
     pub watchdog_failed: bool,
+    /// A backup repository (pgBackRest) is configured: a replica can be made from it when no
+    /// member is running to copy.
+    pub backup_repository: bool,
     /// Operator requests.
     pub requests: LocalRequests,
     /// Memory returned by the previous decision ([`Decision::memory`](super::Decision)); the

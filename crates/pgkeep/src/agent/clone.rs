@@ -25,38 +25,44 @@ impl Shell {
         self.busy = Some(Busy { op, handle });
     }
 
-    pub(super) fn start_clone(&mut self, source: &str, wipe: bool) -> Result<()> {
-        let conninfo = self.tool_conninfo(source, false)?;
+    /// Makes this node a replica: from the pgBackRest repository when the node has one, else
+    /// (or when that fails) with `pg_basebackup` from `source`. Without a source (no running
+    /// member to copy) only the repository can serve, and its failure is the operation's.
+    pub(super) fn start_clone(&mut self, source: Option<&str>, wipe: bool) -> Result<()> {
+        let conninfo = source.map(|s| self.tool_conninfo(s, false)).transpose()?;
         let instance = self.instance.clone();
         let initdb_marker = self.layout.config_dir.join(super::observe::INITDB_MARKER);
         let repository = self.cfg.pgbackrest.clone();
-        // The timeline the source is on (its member key): a backup must be on it.
-        let timeline = self
-            .watch
-            .snapshot()
-            .and_then(|s| s.view.members.get(source).and_then(|m| m.data.timeline));
-        let source = source.to_owned();
+        // The cluster's timelines and history: a backup must lie on the current timeline's.
+        let view = self.watch.snapshot().map(|s| s.view.clone());
+        let source = source.map(str::to_owned);
         self.spawn_busy(LongOperation::Clone, async move {
             if let Some(p) = &repository {
                 tracing::info!(stanza = %p.stanza, wipe, "creating the replica from the pgBackRest repository (delta restore)");
-                match restore_replica(&instance, p, timeline).await {
+                match restore_replica(&instance, p, view.as_ref()).await {
                     Ok(()) => {
                         tracing::info!("replica restored from the pgBackRest repository; it catches up from the archive, then streams");
                         let _ = std::fs::remove_file(&initdb_marker);
                         return Ok(());
                     }
+                    Err(e) if source.is_none() => {
+                        return Err(e.context("no running member to copy either"));
+                    }
                     Err(e) if e.downcast_ref::<NoUsableBackup>().is_some() => tracing::info!(
-                        %source,
+                        source = source.as_deref().unwrap_or("-"),
                         reason = %e,
                         "no backup in the pgBackRest repository to make this replica from; cloning with pg_basebackup"
                     ),
                     Err(e) => tracing::warn!(
                         error = %format!("{e:#}"),
-                        %source,
+                        source = source.as_deref().unwrap_or("-"),
                         "restoring from the pgBackRest repository failed; cloning with pg_basebackup instead"
                     ),
                 }
             }
+            let (Some(source), Some(conninfo)) = (source, conninfo) else {
+                anyhow::bail!("no running member to copy and no pgBackRest repository configured");
+            };
             tracing::info!(%source, wipe, "cloning with pg_basebackup");
             // Replacing a data directory: clone beside it and swap only once the clone is
             // complete, so a source that dies mid-way (or was never reachable) costs nothing.
@@ -152,21 +158,22 @@ impl Shell {
     }
 }
 
-/// The data directory as of the repository's newest backup, in place (`--delta`: files that
-/// match are kept, so re-creating a diverged replica copies only what differs), with the
+/// The data directory as of the repository's newest usable backup, in place (`--delta`: files
+/// that match are kept, so re-creating a diverged replica copies only what differs), with the
 /// backup's own `postgresql.auto.conf` and no recovery target (`--type=none`): the agent
 /// starts the node as a standby, which fetches the WAL since the backup from the archive (its
 /// `restore_command`) and then streams. pgBackRest writes the control file last, so an
 /// interrupted restore never starts.
 ///
-/// Only a backup taken on the cluster's current timeline is used: after a point-in-time
+/// Usable: the backup's WAL is a prefix of the cluster's current timeline
+/// ([`backup_fits_cluster`](pgkeep_core::ha::backup_fits_cluster)). After a point-in-time
 /// restore the newest backups lie on the abandoned timeline, past the new one's fork, and a
-/// standby made from them could never follow it. Without such a backup the caller clones with
-/// `pg_basebackup` (until the next backup).
+/// standby made from them could never follow it; an older backup from before the fork can.
+/// Without such a backup the caller clones with `pg_basebackup` (until the next backup).
 async fn restore_replica(
     instance: &crate::postgres::Instance,
     p: &crate::config::PgBackRest,
-    cluster_timeline: Option<u32>,
+    view: Option<&pgkeep_core::cluster::ClusterView>,
 ) -> Result<()> {
     let base = [
         format!("--config-path={}", p.config_path.display()),
@@ -180,22 +187,30 @@ async fn restore_replica(
         .await
         .context("pgbackrest info")?;
     let stanza = crate::pgbackrest::info::parse(&info.stdout, &p.stanza)?;
-    let newest = stanza
-        .backups
-        .iter()
-        .rev()
-        .find(|b| !b.error)
-        .ok_or(NoUsableBackup("the repository has no backup yet".into()))?;
-    let backup_tli = u32::from_str_radix(newest.wal_stop.get(..8).unwrap_or(""), 16).ok();
-    if let (Some(b), Some(c)) = (backup_tli, cluster_timeline)
-        && b != c
-    {
-        return Err(NoUsableBackup(format!(
-            "the newest backup ({}) is on timeline {b}, the cluster on {c}",
-            newest.label
-        ))
+    let mut refused = Vec::new();
+    let newest = stanza.backups.iter().rev().filter(|b| !b.error).find(|b| {
+        let fits = match (b.stop_position(), view) {
+            (Some((tl, lsn)), Some(v)) => pgkeep_core::ha::backup_fits_cluster(v, tl, lsn),
+            (None, Some(_)) => Err(format!(
+                "its last WAL segment {:?} is unreadable",
+                b.wal_stop
+            )),
+            (_, None) => Err("the cluster's state is not known yet".into()),
+        };
+        fits.map_err(|why| refused.push(format!("{}: {why}", b.label)))
+            .is_ok()
+    });
+    let Some(newest) = newest else {
+        return Err(NoUsableBackup(if refused.is_empty() {
+            "the repository has no backup yet".into()
+        } else {
+            format!(
+                "no backup lies on the cluster's timeline ({})",
+                refused.join("; ")
+            )
+        })
         .into());
-    }
+    };
     let mut args: Vec<OsString> = base.iter().map(OsString::from).collect();
     args.extend([
         format!("--set={}", newest.label).into(),

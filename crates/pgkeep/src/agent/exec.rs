@@ -219,7 +219,8 @@ impl Shell {
                 tracing::info!(upstream = ?upstream, "following");
             }
             Action::Rewind { source } => self.start_rewind(source)?,
-            Action::Clone { source, wipe } => self.start_clone(source, *wipe)?,
+            Action::Clone { source, wipe } => self.start_clone(Some(source), *wipe)?,
+            Action::RestoreReplica { wipe } => self.start_clone(None, *wipe)?,
             Action::Initdb => self.start_initdb()?,
             Action::ClaimInitialize => {
                 self.initialize_claimed = self.dcs.race_initialize(self.lease.id).await?;
@@ -626,6 +627,7 @@ fn action_name(a: &Action) -> &'static str {
         Action::Follow { .. } => "follow",
         Action::Rewind { .. } => "rewind",
         Action::Clone { .. } => "clone",
+        Action::RestoreReplica { .. } => "restore replica",
         Action::Initdb => "initdb",
         Action::ClaimInitialize => "claim initialize",
         Action::ConfirmInitialize { .. } => "confirm initialize",

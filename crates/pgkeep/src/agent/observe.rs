@@ -313,6 +313,7 @@ impl Shell {
             initdb_unconfirmed: self.marker(INITDB_MARKER),
             bootstrap_allowed: self.marker(BOOTSTRAP_MARKER),
             watchdog_failed: self.watchdog.failed(),
+            backup_repository: self.cfg.pgbackrest.is_some(),
             requests: self.requests.clone(),
             memory: self.memory.clone(),
         }

@@ -8,7 +8,10 @@
 //!    (`pgbackrest check` forces a WAL switch and waits for it). Without a primary, a target
 //!    after the last archived commit cannot be reached (`--latest` can).
 //! 2. Stop every agent (replicas first; each stops its PostgreSQL). Nothing may fail over or
-//!    restart PostgreSQL while the data is replaced; this is stronger than a pause.
+//!    restart PostgreSQL while the data is replaced; this is stronger than a pause. A primary
+//!    that stops cleanly switches to a new WAL segment and archives the last one first, so
+//!    every transaction committed until then is in the archive; WAL still waiting to be
+//!    archived afterwards (`.ready`) would be lost, and stops `--latest` here.
 //! 3. Forget the old cluster's state in etcd that would stop the restored node from leading:
 //!    the member keys, the last leader position (`status`), any failover request and the
 //!    `sync` key. The dynamic configuration, the system identifier (`initialize`) and the
@@ -50,6 +53,32 @@ pub struct RestoreOptions {
     pub backup: Option<String>,
     /// How long recovery may take.
     pub timeout: Duration,
+}
+
+/// Nodes whose stopped PostgreSQL still has WAL waiting for the archive (`.ready` status
+/// files), as `node: N files, newest X`.
+fn unarchived_wal(layout: &Layout, inv: &Inventory) -> Vec<String> {
+    inv.database_hosts
+        .iter()
+        .filter_map(|h| {
+            let status = layout.data_dir(&h.name).join("pg_wal/archive_status");
+            let mut ready: Vec<String> = std::fs::read_dir(status)
+                .ok()?
+                .flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.strip_suffix(".ready").map(str::to_owned)
+                })
+                .collect();
+            ready.sort();
+            let newest = ready.last()?;
+            Some(format!(
+                "{}: {} files, newest {newest}",
+                h.name,
+                ready.len()
+            ))
+        })
+        .collect()
 }
 
 /// The recovery settings pgBackRest writes into `postgresql.auto.conf`; reset once the node
@@ -195,7 +224,24 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
         // No backup may start while the data is replaced; one under way is waited for.
         backup::stop_scheduler(&layout, Duration::from_secs(30))?;
         backup::wait_backup_done(&layout, &inv, Duration::from_secs(1800))?;
-        stop_agents(&layout, &inv, leader.as_deref(), Duration::from_secs(60))
+        stop_agents(&layout, &inv, leader.as_deref(), Duration::from_secs(60))?;
+        let waiting = unarchived_wal(&layout, &inv);
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let list = waiting.join(", ");
+        if opts.target == RecoveryTarget::Latest {
+            bail!(
+                "WAL not yet in the archive ({list}): a restore to the latest point would lose \
+                 the transactions in it. Nothing was changed; `pgkeep up --dir {}` starts the \
+                 cluster again; fix archiving (pgkeep backup check), then restore",
+                layout.dir.display()
+            );
+        }
+        println!(
+            "      WARNING: WAL not yet in the archive ({list}); a target in it cannot be reached"
+        );
+        Ok(())
     })?;
     files::write(
         &journal,

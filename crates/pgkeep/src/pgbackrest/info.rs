@@ -25,6 +25,8 @@ pub struct Backup {
     pub wal_start: String,
     /// Last WAL segment it needs.
     pub wal_stop: String,
+    /// Where it became consistent (`lsn.stop`), when pgBackRest reports it.
+    pub lsn_stop: Option<String>,
     /// The backup it depends on (diff and incr).
     pub prior: Option<String>,
     /// pgBackRest found an error (a page checksum) while taking it.
@@ -114,6 +116,7 @@ pub fn parse(json: &str, stanza: &str) -> Result<Stanza, PgBackRestError> {
             repo_size: u(&["info", "repository", "delta"]),
             wal_start: str_at(b, &["archive", "start"]).unwrap_or_default(),
             wal_stop: str_at(b, &["archive", "stop"]).unwrap_or_default(),
+            lsn_stop: str_at(b, &["lsn", "stop"]),
             prior: str_at(b, &["prior"]),
             error: b.get("error").and_then(Value::as_bool).unwrap_or(false),
             label,
@@ -128,6 +131,24 @@ pub fn parse(json: &str, stanza: &str) -> Result<Stanza, PgBackRestError> {
         archive,
         backups,
     })
+}
+
+impl Backup {
+    /// The timeline the backup ended on and the position it is consistent at: `lsn.stop`, or
+    /// without it the end of its last WAL segment (16 MiB segments), which is never earlier.
+    pub fn stop_position(&self) -> Option<(u32, pgkeep_core::cluster::Lsn)> {
+        let seg = |r: std::ops::Range<usize>| {
+            self.wal_stop
+                .get(r)
+                .and_then(|x| u64::from_str_radix(x, 16).ok())
+        };
+        let timeline = u32::try_from(seg(0..8)?).ok()?;
+        let lsn = match self.lsn_stop.as_deref().map(str::parse) {
+            Some(Ok(l)) => l,
+            _ => pgkeep_core::cluster::Lsn((seg(8..16)? << 32) + ((seg(16..24)? + 1) << 24)),
+        };
+        Some((timeline, lsn))
+    }
 }
 
 impl Stanza {
@@ -164,6 +185,7 @@ mod tests {
         {"archive":{"start":"00000003000000000000000B","stop":"00000003000000000000000B"},
          "error":false,"info":{"repository":{"delta":1000,"size":1000},"size":30845809},
          "label":"20261129-233326F_20261129-234000I","prior":"20261129-233326F",
+         "lsn":{"start":"0/B000028","stop":"0/B000138"},
          "timestamp":{"start":1795995600,"stop":1795995602},"type":"incr"},
         {"archive":{"start":"000000030000000000000009","stop":"000000030000000000000009"},
          "error":false,"info":{"repository":{"delta":3786624,"size":3786624},"size":30845809},
@@ -188,6 +210,21 @@ mod tests {
         assert_eq!(s.backups[0].repo_size, 3_786_624);
         assert_eq!(s.backups[1].prior.as_deref(), Some("20261129-233326F"));
         assert_eq!(s.backups[1].wal_start, "00000003000000000000000B");
+    }
+
+    #[test]
+    fn a_backup_stops_at_its_lsn_or_at_the_end_of_its_last_segment() {
+        let s = parse(INFO, "bk").unwrap();
+        let lsn = |x: &str| x.parse::<pgkeep_core::cluster::Lsn>().unwrap();
+        assert_eq!(s.backups[1].lsn_stop.as_deref(), Some("0/B000138"));
+        assert_eq!(s.backups[1].stop_position(), Some((3, lsn("0/B000138"))));
+        // No `lsn` (the full backup of the fixture): the end of segment 9 of timeline 3.
+        assert_eq!(s.backups[0].stop_position(), Some((3, lsn("0/A000000"))));
+        let mut b = s.backups[0].clone();
+        b.wal_stop = "0000000A000000010000000F".into();
+        assert_eq!(b.stop_position(), Some((10, lsn("1/10000000"))));
+        b.wal_stop = "garbage".into();
+        assert_eq!(b.stop_position(), None);
     }
 
     #[test]

@@ -445,6 +445,50 @@ fn restore_to_a_time_brings_a_dropped_table_back_on_a_new_timeline() -> Result<(
         )))?;
     ensure!(!auto.contains("recovery_target"), "{auto}");
     ok(&["backup", "check", "--dir", sc.d()])?;
+
+    // `--latest` while a writer runs: every transaction the writer saw commit is restored (the
+    // primary, stopped cleanly, archives its last segment; the restore checks that it did).
+    psql(app, "CREATE TABLE w(id int)")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, app) = (stop.clone(), app.to_owned());
+        std::thread::spawn(move || {
+            let mut committed = Vec::new();
+            for id in 0..20_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let out = Command::new("/usr/lib/postgresql/15/bin/psql")
+                    .args([&app, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c"])
+                    .arg(format!("INSERT INTO w VALUES ({id})"))
+                    .env_clear()
+                    .env("PATH", "/usr/bin:/bin")
+                    .env("PGCONNECT_TIMEOUT", "2")
+                    .output();
+                match out {
+                    Ok(o) if o.status.success() => committed.push(id),
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+            committed
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let restored = ok(&["restore", "--dir", sc.d(), "--latest"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let committed = writer.join().expect("writer thread");
+    restored?;
+    ensure!(
+        committed.len() > 10,
+        "the writer hardly wrote: {committed:?}"
+    );
+    let have = psql(app, "SELECT count(*) FROM w")?;
+    ensure!(
+        have == committed.len().to_string(),
+        "{} transactions committed, {have} restored (the last committed: {:?})",
+        committed.len(),
+        committed.last()
+    );
     Ok(())
 }
 
@@ -660,5 +704,95 @@ fn wal_the_dead_primary_never_archived_reaches_the_archive_and_pitr_crosses_it()
         psql(&app, "SELECT count(*), count(DISTINCT batch) FROM t")? == "3000|3",
         "not every batch written before {target} is back"
     );
+    Ok(())
+}
+
+/// Every data directory is lost while the cluster is down: with no leader and no member to
+/// copy, each node makes its replica from the repository, replays the archive, and one of them
+/// takes over; nothing written and archived before is missing.
+#[test]
+fn with_every_data_directory_lost_replicas_come_from_the_repository_and_one_leads() -> Result<()> {
+    let sc = Scenario::new("dr");
+    sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
+    let d = sc.dir.clone();
+    let cluster: Value = serde_json::from_str(&fs::read_to_string(d.join("cluster.json"))?)?;
+    let app = cluster["libpq"]["app"].as_str().context("app libpq")?;
+    psql(
+        app,
+        "CREATE TABLE dr(x int); INSERT INTO dr SELECT generate_series(1, 1000)",
+    )?;
+    ok(&["backup", "run", "--dir", sc.d(), "--type", "full"])?;
+    // Rows after the backup live only in the archive once the segment is complete.
+    psql(app, "INSERT INTO dr SELECT generate_series(1001, 2000)")?;
+    let rows = sc.ctl_list()?;
+    let leader = rows
+        .iter()
+        .find(|r| r["role"] == "leader")
+        .and_then(|r| r["name"].as_str())
+        .context("no leader")?
+        .to_owned();
+    let tl_before = rows
+        .iter()
+        .find(|r| r["role"] == "leader")
+        .and_then(|r| r["timeline"].as_u64())
+        .unwrap_or(0);
+    let su = superuser_conn(&cluster, &leader, "postgres")?;
+    let segment = su_psql(
+        &su,
+        &["SELECT pg_walfile_name(pg_current_wal_lsn()) FROM pg_switch_wal()"],
+    )?;
+    wait_for("the last segment to reach the archive", || {
+        Ok(su_psql(
+            &su,
+            &["SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver"],
+        )?
+        .as_str()
+            >= segment.as_str())
+    })?;
+    ok(&["down", "--dir", sc.d()])?;
+    // The agents' logs go on in the same files: only what follows counts.
+    let mut log_from = std::collections::HashMap::new();
+    for n in ["node1", "node2", "node3"] {
+        let log = d.join(format!("logs/{n}-agent.log"));
+        log_from.insert(n, fs::metadata(&log)?.len() as usize);
+        let data = d.join(format!("nodes/{n}/data"));
+        fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
+    }
+
+    sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
+    wait_for("every member running again", || {
+        crate::local::wait_members(&sc).map(|()| true)
+    })?;
+    ensure!(
+        psql(app, "SELECT count(*), max(x) FROM dr")? == "2000|2000",
+        "rows written before the loss are missing"
+    );
+    let rows = sc.ctl_list()?;
+    ensure!(
+        rows.iter()
+            .all(|r| r["timeline"].as_u64().is_some_and(|t| t > tl_before)),
+        "the new leader should have promoted onto a new timeline: {rows:?}"
+    );
+    for n in ["node1", "node2", "node3"] {
+        let log = fs::read_to_string(d.join(format!("logs/{n}-agent.log")))?;
+        let log = log.get(log_from[n]..).unwrap_or_default();
+        ensure!(
+            log.contains(
+                "no running member to copy: restoring a replica from the backup repository"
+            ) && log.contains("replica restored from the pgBackRest repository"),
+            "{n} was not restored from the repository"
+        );
+        ensure!(
+            !log.contains("cloning with pg_basebackup"),
+            "{n} fell back to pg_basebackup"
+        );
+        let su = superuser_conn(&cluster, n, "app")?;
+        let count = su_psql(
+            &su,
+            &["SET search_path = app, public", "SELECT count(*) FROM dr"],
+        )?;
+        ensure!(count == "2000", "{n}: {count}");
+    }
+    ok(&["backup", "check", "--dir", sc.d()])?;
     Ok(())
 }

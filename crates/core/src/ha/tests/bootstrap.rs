@@ -93,6 +93,40 @@ fn initialised_cluster_is_never_initdb_even_with_the_marker() {
 }
 
 #[test]
+fn empty_node_restores_from_the_repository_when_nobody_runs_to_copy() {
+    let mut fx = empty("n2");
+    fx.obs.backup_repository = true;
+    // A running leader is still the source: the shell tries the repository first itself.
+    assert!(fx.decide().has(|a| matches!(a, Action::Clone { .. })));
+    // No leader.
+    fx.view.leader = None;
+    let d = fx.decide();
+    assert_eq!(d.reason, Reason::RestoringFromRepository);
+    assert_eq!(d.state, MemberState::Cloning);
+    assert_eq!(acts(&d), vec![Action::RestoreReplica { wipe: false }]);
+    fx.obs.pg.data_dir = DataDir::Invalid;
+    assert_eq!(
+        acts(&fx.decide()),
+        vec![Action::RestoreReplica { wipe: true }]
+    );
+    // A leader key whose member is not running yet (starting) is waited for.
+    let mut fx = empty("n2");
+    fx.obs.backup_repository = true;
+    fx.member("n1").state = "starting".into();
+    assert_eq!(
+        fx.decide().reason,
+        Reason::WaitingForData(WaitingForData::NoSource)
+    );
+    // Never before the cluster exists: a repository is no reason to skip the bootstrap race.
+    let mut fx = fresh_cluster("n1");
+    fx.obs.backup_repository = true;
+    assert!(
+        !fx.decide()
+            .has(|a| matches!(a, Action::RestoreReplica { .. }))
+    );
+}
+
+#[test]
 fn empty_node_clones_from_clonefrom_member_first() {
     let mut fx = empty("n2");
     fx.member("n3").tags.clonefrom = true;

@@ -355,3 +355,53 @@ fn former_primary_ahead_of_a_leader_still_taking_over_waits() {
     fx.obs.pg.wal_position = Lsn(900);
     assert!(fx.decide().has(|a| matches!(a, Action::Start { .. })));
 }
+
+/// The cluster of `former_primary`'s view: n2 leads timeline 2, which forked from 1 at 900.
+fn cluster_on_timeline_2() -> crate::cluster::ClusterView {
+    former_primary(0).view
+}
+
+#[test]
+fn backup_on_the_current_timeline_fits() {
+    let view = cluster_on_timeline_2();
+    assert_eq!(backup_fits_cluster(&view, 2, Lsn(5_000)), Ok(()));
+}
+
+#[test]
+fn backup_on_an_older_timeline_fits_only_before_its_switch_point() {
+    let view = cluster_on_timeline_2();
+    assert_eq!(backup_fits_cluster(&view, 1, Lsn(800)), Ok(()));
+    assert_eq!(backup_fits_cluster(&view, 1, Lsn(900)), Ok(()));
+    // Stopped past the fork (a backup of the timeline a point-in-time restore abandoned).
+    let e = backup_fits_cluster(&view, 1, Lsn(901)).unwrap_err();
+    assert!(e.contains("past that timeline's end"), "{e}");
+}
+
+#[test]
+fn backup_on_a_newer_or_foreign_timeline_does_not_fit() {
+    let view = cluster_on_timeline_2();
+    assert!(backup_fits_cluster(&view, 3, Lsn(10)).is_err());
+    // Timeline 3 forked from 2 at 2000: a backup of timeline 2 fits only up to there.
+    let mut view = cluster_on_timeline_2();
+    view.history = Some(vec![entry(1, 900), entry(2, 2_000)]);
+    for m in view.members.values_mut() {
+        m.data.timeline = Some(3);
+    }
+    assert_eq!(backup_fits_cluster(&view, 2, Lsn(1_500)), Ok(()));
+    assert!(backup_fits_cluster(&view, 2, Lsn(2_500)).is_err());
+}
+
+#[test]
+fn backup_fit_unknown_while_the_history_lags_the_timeline() {
+    // A member already on timeline 3, the history key still says 2: no decision on timeline 1.
+    let mut view = cluster_on_timeline_2();
+    view.members.values_mut().next().unwrap().data.timeline = Some(3);
+    let e = backup_fits_cluster(&view, 1, Lsn(100)).unwrap_err();
+    assert!(e.contains("does not reach it"), "{e}");
+    // Nothing known about timelines: any backup fits.
+    let mut view = crate::cluster::ClusterView::default();
+    assert_eq!(backup_fits_cluster(&view, 7, Lsn(1)), Ok(()));
+    view.history = Some(Vec::new());
+    assert_eq!(backup_fits_cluster(&view, 1, Lsn(1)), Ok(()));
+    assert!(backup_fits_cluster(&view, 2, Lsn(1)).is_err());
+}
