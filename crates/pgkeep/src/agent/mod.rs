@@ -66,6 +66,9 @@ struct Shell {
     memory: HaMemory,
     busy: Option<Busy>,
     rewind_failed: bool,
+    /// WAL pgBackRest dropped from the archive queue since the agent started (nodes with a
+    /// repository).
+    wal_drops: Option<observe::WalDrops>,
     upstream: Option<String>,
     /// The upstream's member key had no address when PostgreSQL was configured to follow it
     /// (its lease had expired with etcd, say): the configuration is rendered again once it has.
@@ -505,6 +508,7 @@ pub async fn run(config_path: &Path, log_format: Option<crate::config::LogFormat
         memory: HaMemory::default(),
         busy: None,
         rewind_failed: false,
+        wal_drops: cfg.pgbackrest.as_ref().map(observe::WalDrops::start),
         upstream: None,
         upstream_unrendered: false,
         sync_names: SyncStandbyNames::default(),

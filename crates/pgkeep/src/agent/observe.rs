@@ -129,6 +129,9 @@ impl Shell {
                         self.promote_requested = false;
                     }
                     self.note_archiver(sql.archiver.as_ref());
+                    if let Some(d) = &mut self.wal_drops {
+                        d.poll();
+                    }
                     self.last_sql = Some(sql);
                 }
                 // Accepting connections per the pid file but not answering (or too slowly): a
@@ -360,6 +363,10 @@ impl Shell {
             .as_ref()
             .and_then(|q| q.archiver.as_ref())
             .and_then(ArchiveHealth::from_stats)
+            .map(|h| match &self.wal_drops {
+                Some(d) => h.with_drops(d.count, d.last.as_ref()),
+                None => h,
+            })
             .and_then(|h| serde_json::to_value(h).ok());
         if let Some(h) = health {
             out.insert(ARCHIVE_FIELD.to_owned(), h);
@@ -595,5 +602,58 @@ mod tests {
         }
         assert!(unanswered(Some(control(ClusterState::InProduction)), false).may_commit());
         assert!(unanswered(None, false).may_commit());
+    }
+}
+
+/// The segments pgBackRest dropped from the archive queue (see [`crate::pgbackrest::drops`]),
+/// counted since the agent started; each new drop is logged.
+#[derive(Debug)]
+pub(super) struct WalDrops {
+    watch: crate::pgbackrest::drops::DropWatch,
+    pub(super) count: u64,
+    pub(super) last: Option<crate::pgbackrest::drops::Dropped>,
+}
+
+impl WalDrops {
+    pub(super) fn start(p: &crate::config::PgBackRest) -> WalDrops {
+        use crate::pgbackrest::drops::{DropWatch, async_log};
+        let (watch, earlier) = DropWatch::start(async_log(&p.config_path, &p.stanza));
+        if let Some(last) = earlier.last() {
+            tracing::warn!(
+                dropped = earlier.len(),
+                wal = %last.wal,
+                "pgBackRest's log shows {} WAL segments dropped from the archive queue before \
+                 this agent started, the last {} at {}: a point-in-time recovery cannot cross \
+                 them; unless a full backup was taken since, take one",
+                earlier.len(),
+                last.wal,
+                last.at
+            );
+        }
+        WalDrops {
+            watch,
+            count: 0,
+            last: None,
+        }
+    }
+
+    fn poll(&mut self) {
+        let new = self.watch.poll();
+        let (Some(first), Some(last)) = (new.first(), new.last()) else {
+            return;
+        };
+        self.count += new.len() as u64;
+        tracing::error!(
+            dropped = new.len(),
+            first = %first.wal,
+            last = %last.wal,
+            "pgBackRest dropped WAL from the archive queue (the repository was unreachable and \
+             the queue reached archive-push-queue-max): {}..{} are not in the archive although \
+             PostgreSQL counts them as archived; a point-in-time recovery cannot cross them; \
+             take a full backup once archiving works",
+            first.wal,
+            last.wal
+        );
+        self.last = Some(last.clone());
     }
 }

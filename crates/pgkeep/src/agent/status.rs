@@ -143,6 +143,7 @@ impl Shell {
         let mut m = self.metrics.clone();
         m.lease_ttl = lease_ttl;
         m.archiver = sql.and_then(|q| q.archiver.clone());
+        m.archive_dropped = self.wal_drops.as_ref().map(|d| d.count);
         m
     }
 

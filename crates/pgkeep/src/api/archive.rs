@@ -33,6 +33,20 @@ pub struct ArchiveHealth {
     pub last_failed_time: Option<String>,
     /// The last attempt failed: WAL is piling up in `pg_wal`.
     pub failing: bool,
+    /// Segments pgBackRest dropped from the archive queue since the agent started: PostgreSQL
+    /// counts them as archived, the archive does not have them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_count: u64,
+    /// The last dropped segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dropped_wal: Option<String>,
+    /// When pgBackRest logged it (its local time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dropped_at: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn rfc3339(ms: Option<i64>) -> Option<String> {
@@ -64,11 +78,41 @@ impl ArchiveHealth {
             last_failed_wal: a.last_failed_wal.clone(),
             last_failed_time: rfc3339(a.last_failed_ms),
             failing: failing(a),
+            dropped_count: 0,
+            last_dropped_wal: None,
+            last_dropped_at: None,
         })
+    }
+
+    /// The same health with `count` dropped segments, the last one `last`.
+    pub fn with_drops(
+        mut self,
+        count: u64,
+        last: Option<&crate::pgbackrest::drops::Dropped>,
+    ) -> Self {
+        self.dropped_count = count;
+        self.last_dropped_wal = last.map(|d| d.wal.clone());
+        self.last_dropped_at = last.map(|d| d.at.clone());
+        self
     }
 
     /// One line for people: `ok, last 0000...05 at T` or `FAILING: 0000...06 at T (3 failures)`.
     pub fn summary(&self) -> String {
+        let dash = || "-".to_owned();
+        let gap = if self.dropped_count > 0 {
+            format!(
+                "GAP: {} segments dropped from the archive queue (last {} at {}), take a full backup; ",
+                self.dropped_count,
+                self.last_dropped_wal.clone().unwrap_or_else(dash),
+                self.last_dropped_at.clone().unwrap_or_else(dash),
+            )
+        } else {
+            String::new()
+        };
+        gap + &self.state_summary()
+    }
+
+    fn state_summary(&self) -> String {
         let dash = || "-".to_owned();
         if self.failing {
             format!(
@@ -171,6 +215,29 @@ mod tests {
             h.summary()
         );
         let v = serde_json::to_value(&h).unwrap();
+        assert_eq!(serde_json::from_value::<ArchiveHealth>(v).unwrap(), h);
+        assert!(!serde_json::to_string(&h).unwrap().contains("dropped"));
+    }
+
+    #[test]
+    fn dropped_segments_lead_the_summary_even_when_archiving_looks_fine() {
+        let d = crate::pgbackrest::drops::Dropped {
+            at: "2026-11-30 03:10:02.201".into(),
+            wal: "000000010000000000000006".into(),
+        };
+        let h = ArchiveHealth::from_stats(&stats(6, Some(1000), 0, None))
+            .unwrap()
+            .with_drops(2, Some(&d));
+        assert!(!h.failing);
+        assert!(
+            h.summary().starts_with(
+                "GAP: 2 segments dropped from the archive queue (last 000000010000000000000006 at 2026-11-30 03:10:02.201)"
+            ),
+            "{}",
+            h.summary()
+        );
+        let v = serde_json::to_value(&h).unwrap();
+        assert_eq!(v["dropped_count"], 2);
         assert_eq!(serde_json::from_value::<ArchiveHealth>(v).unwrap(), h);
     }
 

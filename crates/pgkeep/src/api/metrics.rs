@@ -76,6 +76,9 @@ pub struct AgentMetrics {
     pub cert_not_after: BTreeMap<String, i64>,
     /// `pg_stat_archiver` on a primary.
     pub archiver: Option<ArchiverStats>,
+    /// WAL segments pgBackRest dropped from the archive queue since the agent started (nodes
+    /// with a repository).
+    pub archive_dropped: Option<u64>,
     /// When the postmaster started (seconds since the epoch).
     pub postmaster_start_time: Option<i64>,
     /// The granted TTL of the leader lease, when held.
@@ -486,6 +489,15 @@ fn pgkeep_metrics(
             "gauge",
             "Last failed archive attempt (seconds since the epoch; 0 if none).",
             a.last_failed_ms.map_or(0.0, |t| t as f64 / 1000.0),
+        );
+    }
+    if let Some(n) = m.archive_dropped {
+        o.one(
+            "pgkeep_archive_dropped_segments_total",
+            "counter",
+            "WAL segments pgBackRest dropped from a full archive queue since the agent started: \
+             counted as archived by PostgreSQL, missing from the archive.",
+            n,
         );
     }
     member_metrics(o, snapshot);

@@ -33,6 +33,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 pub mod deploy;
+pub mod drops;
 pub mod info;
 #[cfg(test)]
 mod tests;

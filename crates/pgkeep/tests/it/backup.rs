@@ -796,3 +796,68 @@ fn with_every_data_directory_lost_replicas_come_from_the_repository_and_one_lead
     ok(&["backup", "check", "--dir", sc.d()])?;
     Ok(())
 }
+
+/// The repository is unreachable long enough for the archive queue to pass its limit:
+/// pgBackRest drops the queued WAL and tells PostgreSQL it was archived; the agent finds the
+/// drop in pgBackRest's log and reports the gap.
+#[test]
+fn wal_dropped_from_a_full_archive_queue_is_reported_as_a_gap() -> Result<()> {
+    let sc = Scenario::new("drop");
+    sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
+    let d = sc.dir.clone();
+    let cluster: Value = serde_json::from_str(&fs::read_to_string(d.join("cluster.json"))?)?;
+    let leader = sc
+        .ctl_list()?
+        .into_iter()
+        .find(|r| r["role"] == "leader")
+        .and_then(|r| r["name"].as_str().map(str::to_owned))
+        .context("no leader")?;
+    ensure!(
+        !ok(&["ctl", "--dir", sc.d(), "list"])?.contains("GAP"),
+        "a gap before anything was dropped"
+    );
+    // The smallest queue pgBackRest allows, as an operator would set it in the node's file.
+    let conf = d.join(format!("nodes/{leader}/pgbackrest/pgbackrest.conf"));
+    let text = fs::read_to_string(&conf)?;
+    ensure!(text.contains("archive-push-queue-max="), "{text}");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("archive-push-queue-max=") {
+                "archive-push-queue-max=16MiB\n".to_owned()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    fs::write(&conf, text)?;
+
+    stop_repository_server(&d)?;
+    let su = superuser_conn(&cluster, &leader, "postgres")?;
+    let mut fill = vec!["CREATE TABLE fill(x int)"];
+    for _ in 0..3 {
+        fill.extend([
+            "INSERT INTO fill SELECT generate_series(1, 1000)",
+            "SELECT pg_switch_wal()",
+        ]);
+    }
+    su_psql(&su, &fill)?;
+    wait_for("the gap in ctl list", || {
+        Ok(ok(&["ctl", "--dir", sc.d(), "list"])?.contains(&format!("Archive {leader}: GAP: ")))
+    })?;
+    let log = fs::read_to_string(d.join(format!("logs/{leader}-agent.log")))?;
+    ensure!(
+        log.contains("pgBackRest dropped WAL from the archive queue"),
+        "no error logged"
+    );
+    // PostgreSQL itself sees nothing wrong: the dropped segments count as archived.
+    let failing = su_psql(
+        &su,
+        &["SELECT coalesce(last_failed_time > last_archived_time, false) FROM pg_stat_archiver"],
+    )?;
+    ensure!(
+        failing == "f",
+        "pg_stat_archiver should look healthy: {failing}"
+    );
+    Ok(())
+}
