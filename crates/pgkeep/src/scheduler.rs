@@ -225,6 +225,7 @@ pub async fn run(cfg: SchedulerConfig) -> Result<()> {
         "backup scheduler started"
     );
     loop {
+        reload_etcd_tls(&cfg, &dcs).await;
         tokio::select! {
             r = check(&cfg, &dcs, &mut state) => {
                 if let Err(e) = r {
@@ -242,6 +243,22 @@ pub async fn run(cfg: SchedulerConfig) -> Result<()> {
     }
     tracing::info!("backup scheduler stopped");
     Ok(())
+}
+
+/// Takes new etcd TLS files (`pgkeep pki rotate`, a CA rollover) before a check: the client
+/// switches once a separate client with them has read from etcd, and keeps what it has
+/// otherwise.
+async fn reload_etcd_tls(cfg: &SchedulerConfig, dcs: &EtcdDcs) {
+    match dcs.reload_tls(&cfg.etcd).await {
+        Ok(crate::dcs::TlsReload::Reloaded) => tracing::info!(
+            "etcd client certificate or trusted CAs reloaded: new etcd connections use them"
+        ),
+        Ok(crate::dcs::TlsReload::Unchanged) => {}
+        Err(e) => tracing::error!(
+            error = %e,
+            "etcd client certificate NOT reloaded: the scheduler keeps using the previous one"
+        ),
+    }
 }
 
 /// One check: what is due, and run it.

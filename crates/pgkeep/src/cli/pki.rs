@@ -62,6 +62,13 @@ pub struct RotateArgs {
     /// How long each component may take to present its new certificate, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
+    /// Roll the CA over: a new CA trusted beside the old one by every component, then every
+    /// certificate issued again by it. End the rollover with --ca --finish.
+    #[arg(long, conflicts_with = "services")]
+    pub ca: bool,
+    /// With --ca: stop trusting the old CA (refused while a certificate of it is in use).
+    #[arg(long, requires = "ca")]
+    pub finish: bool,
 }
 
 /// `pki init`.
@@ -172,12 +179,17 @@ pub fn run_with_output(args: PkiArgs, out: &mut dyn Write) -> anyhow::Result<()>
         PkiCommand::Issue(a) => issue(a, out),
         PkiCommand::Show(a) => show(a, out),
         PkiCommand::Rotate(a) => {
-            crate::local::rotate::rotate(&crate::local::rotate::RotateOptions {
+            let opts = crate::local::rotate::RotateOptions {
                 dir: a.dir,
                 services: a.services,
                 days: a.days,
                 timeout: std::time::Duration::from_secs(a.timeout.max(1)),
-            })
+            };
+            match (a.ca, a.finish) {
+                (true, true) => crate::local::rotate_ca::finish(&opts),
+                (true, false) => crate::local::rotate_ca::start(&opts),
+                _ => crate::local::rotate::rotate(&opts),
+            }
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod health;
 pub mod hosts;
 pub mod restore;
 pub mod rotate;
+pub mod rotate_ca;
 pub mod spawn;
 pub mod up;
 

@@ -202,14 +202,14 @@ pub fn rotate(opts: &RotateOptions) -> Result<()> {
     Ok(())
 }
 
-fn load_balancer_name(inv: &Inventory) -> String {
+pub(super) fn load_balancer_name(inv: &Inventory) -> String {
     inv.load_balancer
         .as_ref()
         .map_or_else(|| "lb".to_owned(), |l| l.name.clone())
 }
 
 /// postgres, etcd, HAProxy's and pgBackRest's users.
-type Users<'a> = (
+pub(super) type Users<'a> = (
     &'a ServiceUser,
     &'a ServiceUser,
     Option<&'a ServiceUser>,
@@ -220,7 +220,7 @@ type Users<'a> = (
 /// whose certificate changed is restarted (it keeps no state; an asynchronous `archive-push`
 /// in flight retries, and the WAL stays queued in the spool meanwhile) and must then present
 /// the new one. Client certificates are files each command reads: writing them is enough.
-fn rotate_pgbackrest(
+pub(super) fn rotate_pgbackrest(
     layout: &Layout,
     inv: &Inventory,
     pg: &ServiceUser,
@@ -369,7 +369,7 @@ fn wait_presented(layout: &Layout, l: &Listener, want: &str, timeout: Duration) 
 }
 
 /// The current leader's name, if any (read with the operator's new etcd certificate).
-async fn leader(layout: &Layout, inv: &Inventory) -> Result<Option<String>> {
+pub(super) async fn leader(layout: &Layout, inv: &Inventory) -> Result<Option<String>> {
     let settings = etcd::operator_settings(layout, inv, inv.etcd_endpoints());
     let dcs = crate::dcs::EtcdDcs::connect(&settings).await?;
     let snap = dcs.load().await.context("reading the cluster from etcd")?;
@@ -377,7 +377,7 @@ async fn leader(layout: &Layout, inv: &Inventory) -> Result<Option<String>> {
 }
 
 /// Restarts etcd member `m` and waits until the whole cluster is healthy again.
-fn restart_etcd(
+pub(super) fn restart_etcd(
     layout: &Layout,
     inv: &Inventory,
     m: &crate::inventory::EtcdHost,
@@ -462,7 +462,12 @@ fn reload_agent(
 }
 
 /// Waits for the agent's log (after `offset`) to say its etcd client reloaded `serial`.
-fn wait_etcd_client(log: &Path, offset: u64, serial: &str, timeout: Duration) -> Result<()> {
+pub(super) fn wait_etcd_client(
+    log: &Path,
+    offset: u64,
+    serial: &str,
+    timeout: Duration,
+) -> Result<()> {
     let t0 = Instant::now();
     loop {
         let text = read_from(log, offset);

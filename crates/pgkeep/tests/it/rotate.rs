@@ -259,17 +259,22 @@ impl Writer {
             .password(std::fs::read_to_string(dir.join("secrets/app.pw"))?.trim())
             .ssl_mode(tokio_postgres::config::SslMode::Require)
             .connect_timeout(Duration::from_secs(2));
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls_pki_types::pem::PemObject;
-        for c in rustls_pki_types::CertificateDer::pem_file_iter(dir.join("pki/ca.crt"))? {
-            roots.add(c?)?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        // The trusted CAs are read for every connection, as libpq reads `sslrootcert`.
+        let ca_file = dir.join("pki/ca.crt");
+        let tls = move || -> Result<rustls::ClientConfig> {
+            let mut roots = rustls::RootCertStore::empty();
+            use rustls_pki_types::pem::PemObject;
+            for c in rustls_pki_types::CertificateDer::pem_file_iter(&ca_file)? {
+                roots.add(c?)?;
+            }
+            Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+        };
+        tls()?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
@@ -283,7 +288,9 @@ impl Writer {
                 let mut longest = Duration::ZERO;
                 let mut first = true;
                 while !flag.load(Ordering::Relaxed) {
-                    let mk = tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone());
+                    let mk = tokio_postgres_rustls::MakeRustlsConnect::new(
+                        tls().expect("reading the trusted CAs"),
+                    );
                     let r = async {
                         let (c, conn) = cfg.connect(mk).await?;
                         tokio::spawn(conn);
@@ -513,5 +520,228 @@ fn rotate_renews_every_certificate_without_failover() -> Result<()> {
     ensure!(out.contains("Rotated 5 certificates"), "{out}");
     let last = etcd_view(&dir, &inv)?;
     ensure!(last.leader == before.leader, "{:?}", last.leader);
+    Ok(())
+}
+
+/// Whether etcd serves the cluster's keys to the client certificate `cert`/`key` (verifying
+/// etcd against the environment's trusted CAs).
+fn etcd_accepts(dir: &Path, inv: &Inventory, cert: &Path, key: &Path) -> bool {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return false;
+    };
+    rt.block_on(async {
+        let Ok(layout) = pgkeep::local::Layout::new(dir) else {
+            return false;
+        };
+        let mut settings =
+            pgkeep::local::etcd::operator_settings(&layout, inv, inv.etcd_endpoints());
+        if let Some(t) = settings.tls.as_mut() {
+            t.cert = cert.to_path_buf();
+            t.key = key.to_path_buf();
+        }
+        match tokio::time::timeout(Duration::from_secs(10), async {
+            let dcs = pgkeep::dcs::EtcdDcs::connect(&settings).await?;
+            pgkeep::dcs::Dcs::load(&dcs)
+                .await
+                .map(|s| s.view.leader.is_some())
+        })
+        .await
+        {
+            Ok(Ok(has_leader)) => has_leader,
+            _ => false,
+        }
+    })
+}
+
+/// Each node's `pg_postmaster_start_time()`, through the superuser's Unix socket.
+fn postmaster_starts(dir: &Path) -> Result<Vec<(String, String)>> {
+    let cluster: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json"))?)?;
+    let mut out = Vec::new();
+    for m in cluster["members"].as_array().context("members")? {
+        let name = m["name"].as_str().unwrap_or_default().to_owned();
+        let conn = m["superuser_libpq"].as_str().context("superuser_libpq")?;
+        let o = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "/usr/lib/postgresql/15/bin/psql",
+                conn,
+            ])
+            .args(["-XAtq", "-c", "SELECT pg_postmaster_start_time()"])
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out.push((name, String::from_utf8_lossy(&o.stdout).trim().to_owned()));
+    }
+    Ok(out)
+}
+
+#[test]
+fn a_ca_rollover_keeps_the_cluster_serving_and_then_refuses_the_old_ca() -> Result<()> {
+    let sc = Scenario::new("carot");
+    sc.up(&[])?;
+    wait_members(&sc)?;
+    let inv = sc.inventory()?;
+    let dir = sc.dir.clone();
+    let listeners = Listeners::of(&dir, &inv);
+    let before = etcd_view(&dir, &inv)?;
+    let tl_before = sc.ctl_list()?;
+    let starts_before = postmaster_starts(&dir)?;
+    let old_ca = std::fs::read_to_string(dir.join("pki/ca.crt"))?;
+    // A client certificate of the old CA, kept aside.
+    let (old_cert, old_key) = (dir.join("old-operator.crt"), dir.join("old-operator.key"));
+    std::fs::copy(dir.join("pki/etcd-client-operator.crt"), &old_cert)?;
+    std::fs::copy(dir.join("pki/etcd-client-operator.key"), &old_key)?;
+    ensure!(
+        etcd_accepts(&dir, &inv, &old_cert, &old_key),
+        "etcd refuses the operator"
+    );
+
+    let writer = Writer::start(&dir, &inv)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let out = ok(&["pki", "rotate", "--ca", "--dir", sc.d()])?;
+    ensure!(out.contains("Rotated 35 certificates"), "{out}");
+    // Both CAs trusted, the new one first; every listener presents a certificate of the new
+    // CA (verified by openssl against the bundle).
+    let bundle = std::fs::read_to_string(dir.join("pki/ca.crt"))?;
+    ensure!(
+        bundle.matches("BEGIN CERTIFICATE").count() == 2 && bundle.ends_with(&old_ca),
+        "{bundle}"
+    );
+    let new_ca = pgkeep::pki::inspect(&dir.join("pki/ca.crt"))?;
+    for (label, got, file) in listeners.check(&dir)? {
+        ensure!(got == file, "{label} presents {got}, its file holds {file}");
+    }
+    for (label, _, _, _, file) in &listeners.list {
+        let issuer = pgkeep::pki::inspect(file)?.issuer;
+        ensure!(issuer == new_ca.subject, "{label}: issued by {issuer}");
+    }
+    ensure!(
+        etcd_accepts(&dir, &inv, &old_cert, &old_key),
+        "during the rollover the old CA's certificates must still be accepted"
+    );
+    ok(&["backup", "check", "--dir", sc.d()])?;
+
+    let sched_log = dir.join("logs/backup-scheduler.log");
+    let sched_mark = std::fs::metadata(&sched_log)?.len() as usize;
+    let out = ok(&["pki", "rotate", "--ca", "--finish", "--dir", sc.d()])?;
+    ensure!(out.contains("rollover is complete"), "{out}");
+    let only = std::fs::read_to_string(dir.join("pki/ca.crt"))?;
+    ensure!(
+        only.matches("BEGIN CERTIFICATE").count() == 1 && bundle.starts_with(&only),
+        "{only}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (oks, errors, longest) = writer.finish();
+    eprintln!("writer: {oks} writes, errors {errors:?}, longest gap {longest:?}");
+    ensure!(
+        errors.is_empty(),
+        "writes failed during the rollover: {errors:?}"
+    );
+    ensure!(
+        longest < Duration::from_secs(3),
+        "a write gap of {longest:?}"
+    );
+
+    // The old CA is refused; everything else works with the new one.
+    ensure!(
+        !etcd_accepts(&dir, &inv, &old_cert, &old_key),
+        "etcd still accepts a certificate of the old CA"
+    );
+    let curl = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg("--cacert")
+        .arg(dir.join("pki/ca.crt"))
+        .arg("--cert")
+        .arg(&old_cert)
+        .arg("--key")
+        .arg(&old_key)
+        .arg(format!(
+            "https://{}:{}/patroni",
+            inv.fqdn(&inv.database_hosts[0].name),
+            inv.database_hosts[0].api_port
+        ))
+        .output()?;
+    let code = String::from_utf8_lossy(&curl.stdout).to_string();
+    ensure!(
+        !curl.status.success() || code.starts_with('4'),
+        "the REST API accepted a certificate of the old CA: {code}"
+    );
+    for (label, got, file) in listeners.check(&dir)? {
+        ensure!(got == file, "{label} presents {got}, its file holds {file}");
+    }
+    ok(&["backup", "check", "--dir", sc.d()])?;
+    let pctl = Command::new("patronictl")
+        .args([
+            "-c",
+            dir.join("patronictl.yml").to_str().unwrap_or_default(),
+            "list",
+        ])
+        .output()?;
+    ensure!(
+        pctl.status.success(),
+        "patronictl: {}",
+        String::from_utf8_lossy(&pctl.stderr)
+    );
+
+    // The backup scheduler (one etcd connection for its life) takes the new files at its next
+    // check.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&sched_log)?;
+        let since = text.get(sched_mark..).unwrap_or_default();
+        ensure!(
+            !since.contains("NOT reloaded") && !since.contains("check failed"),
+            "{since}"
+        );
+        if since.contains("trusted CAs reloaded") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the scheduler did not reload: {since}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // No failover, no PostgreSQL restart.
+    let after = etcd_view(&dir, &inv)?;
+    ensure!(
+        after.leader == before.leader,
+        "{:?} -> {:?}",
+        before.leader,
+        after.leader
+    );
+    ensure!(after.history == before.history, "history changed");
+    let tl = |rows: &[Value]| -> Vec<(Value, Value, Value)> {
+        rows.iter()
+            .map(|r| (r["name"].clone(), r["role"].clone(), r["timeline"].clone()))
+            .collect()
+    };
+    let tl_after = sc.ctl_list()?;
+    ensure!(
+        tl(&tl_after) == tl(&tl_before),
+        "{tl_after:?} vs {tl_before:?}"
+    );
+    crate::local::check_members(&tl_after)?;
+    ensure!(
+        postmaster_starts(&dir)? == starts_before,
+        "a PostgreSQL restarted"
+    );
     Ok(())
 }
