@@ -89,7 +89,7 @@ fn parse(line: &str) -> Result<Option<Line>, String> {
     let Some(first) = fields.first() else {
         return Ok(None);
     };
-    let kind = single(Some(first), "connection type")?.to_ascii_lowercase();
+    let kind = lowercase(single(Some(first), "connection type")?, "connection type")?;
     if kind.starts_with("include") {
         return Err("include directives are not allowed".into());
     }
@@ -113,7 +113,10 @@ fn parse(line: &str) -> Result<Option<Line>, String> {
         }
         _ => return Err(format!("{kind:?} is not a pg_hba connection type")),
     };
-    let method = single(fields.get(method_at), "authentication method")?.to_ascii_lowercase();
+    let method = lowercase(
+        single(fields.get(method_at), "authentication method")?,
+        "authentication method",
+    )?;
     let mut options = Vec::new();
     for token in fields.iter().skip(method_at + 1).flatten() {
         let (name, value) = token.split_once('=').ok_or_else(|| {
@@ -128,11 +131,34 @@ fn parse(line: &str) -> Result<Option<Line>, String> {
         })?;
         options.push((name.to_owned(), value.to_owned()));
     }
+    // PostgreSQL refuses these lines, and with them the whole file: say so here instead.
+    if kind != "hostssl" && method == "cert" {
+        return Err(format!(
+            "cert authentication works only on hostssl lines (PostgreSQL refuses it on {kind})"
+        ));
+    }
+    if kind != "hostssl" && options.iter().any(|(n, _)| n == "clientcert") {
+        return Err(format!(
+            "clientcert works only on hostssl lines (PostgreSQL refuses it on {kind})"
+        ));
+    }
     Ok(Some(Line {
         kind,
         method,
         options,
     }))
+}
+
+/// PostgreSQL compares connection types and methods exactly: `HOSTSSL` or `Scram-SHA-256`
+/// would make it refuse the whole file.
+fn lowercase(token: &str, what: &str) -> Result<String, String> {
+    if token.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(format!(
+            "the {what} {token:?} must be written in lower case (PostgreSQL does not recognise \
+             {token:?})"
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 /// The scheme an `ldapurl` sets, as libldap's URL parser reads it (case-insensitive, with its
@@ -181,10 +207,7 @@ pub(super) fn check_line(line: &str, weak_allowed: bool) -> Result<(), String> {
         return Ok(());
     }
     let strong = match kind.as_str() {
-        "local" => matches!(
-            method.as_str(),
-            "peer" | "scram-sha-256" | "reject" | "cert"
-        ),
+        "local" => matches!(method.as_str(), "peer" | "scram-sha-256" | "reject"),
         _ => matches!(
             method.as_str(),
             "scram-sha-256" | "cert" | "reject" | "gss" | "ldap" | "radius" | "pam"
@@ -310,6 +333,31 @@ mod tests {
     }
 
     #[test]
+    fn lines_postgresql_would_refuse_are_refused_even_with_weak_pg_hba() {
+        for (line, why) in [
+            ("hostssl all all 127.0.0.0/8 MD5", "lower case"),
+            ("HOSTSSL all all 127.0.0.0/8 scram-sha-256", "lower case"),
+            ("hostssl all all 127.0.0.0/8 Scram-SHA-256", "lower case"),
+            ("hostgssenc all all 10.0.0.0/8 cert", "only on hostssl"),
+            ("local all all cert", "only on hostssl"),
+            ("host all all 10.0.0.0/8 cert", "only on hostssl"),
+            (
+                "hostgssenc all all 10.0.0.0/8 gss clientcert=verify-ca",
+                "clientcert works only on hostssl",
+            ),
+        ] {
+            for weak in [false, true] {
+                match check_line(line, weak) {
+                    Ok(()) => panic!("{line:?} was accepted (weak {weak})"),
+                    Err(e) => assert!(e.contains(why), "{line:?}: {e}"),
+                }
+            }
+        }
+        // Database and user names keep their case.
+        ok("hostssl App Alice 10.0.0.0/8 scram-sha-256");
+    }
+
+    #[test]
     fn gss_is_accepted_over_tls_and_gssapi_encryption() {
         ok("hostssl all all 10.0.0.0/8 gss include_realm=0 krb_realm=EXAMPLE.COM");
         ok("hostgssenc all all 10.0.0.0/8 gss");
@@ -329,10 +377,10 @@ mod tests {
             "weak method trust",
         );
         refused("hostssl all all 127.0.0.0/8 ident", "weak method ident");
-        refused("hostssl all all 127.0.0.0/8 MD5", "weak method md5");
+        refused("hostssl all all 127.0.0.0/8 md5", "weak method md5");
         refused("local all all ldap ldapscheme=ldaps", "weak method ldap");
         refused("host all all 0.0.0.0/0 scram-sha-256", "without TLS");
-        refused("hostnossl all all 0.0.0.0/0 cert", "without TLS");
+        refused("hostnossl all all 0.0.0.0/0 scram-sha-256", "without TLS");
         refused("include_dir /tmp/x", "include");
         refused("hostssl all all 10.0.0.1 scram-sha-256", "not a netmask");
         refused(

@@ -1,9 +1,15 @@
-//! PostgreSQL's `ldap` authentication from `postgresql.pg_hba`, end to end: a private slapd
+//! PostgreSQL's `ldap` and `cert` authentication from `postgresql.pg_hba`, end to end.
+//!
+//! LDAP: a private slapd
 //! over LDAPS (certificate from the test CA), a one-node agent cluster whose postmaster trusts
 //! that CA through `postgresql.ldap_ca_file`, and a role without a password in PostgreSQL that
 //! logs in over verify-full TLS with its LDAP password. A wrong password is refused, and so is
 //! the right one while slapd is down (LDAP is really consulted). An `ldap` line without TLS to
 //! the LDAP server is refused by the configuration check.
+//!
+//! cert: an application role logs in with a client certificate of the cluster's CA whose name
+//! is the role's, and with no password; another name's certificate and no certificate are
+//! refused.
 
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
@@ -12,7 +18,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgkeep_testkit::{
-    AgentCluster, CommandOutput, EtcdCluster, LDAP_PEOPLE, PG_BIN_DIR, ServiceUser, Slapd,
+    AgentCluster, ClientCert, CommandOutput, EtcdCluster, LDAP_PEOPLE, PG_BIN_DIR, ServiceUser,
+    Slapd,
 };
 
 /// A new 0600 file holding `text` (a password never goes into an argument or the environment).
@@ -252,4 +259,100 @@ fn ldap_login_over_tls_is_checked_by_slapd() {
     slapd.start().unwrap();
     let again = login(&env, &c, "alice", &password, "SELECT 1");
     assert!(again.success(), "{}", again.stderr);
+}
+
+/// `psql` as `user` over verify-full TLS, presenting `cert` (if any) and no password.
+fn cert_login(
+    env: &pgkeep_testkit::Env,
+    c: &AgentCluster,
+    user: &str,
+    cert: Option<&ClientCert>,
+    sql: &str,
+) -> CommandOutput {
+    let a = &c.agents[0];
+    let mut conninfo = format!(
+        "host={} port={} dbname=postgres user={user} sslmode=verify-full sslrootcert={} \
+         connect_timeout=10",
+        a.node.dns_name,
+        a.pg_port,
+        env.ca_cert_path().display(),
+    );
+    if let Some(cc) = cert {
+        conninfo.push_str(&format!(
+            " sslcert={} sslkey={}",
+            cc.cert.display(),
+            cc.key.display()
+        ));
+    }
+    env.run(
+        &ServiceUser::root(),
+        &env.tmp_dir(),
+        Path::new(PG_BIN_DIR).join("psql"),
+        &[
+            "-XAtqw".as_ref(),
+            "-d".as_ref(),
+            conninfo.as_ref(),
+            "-c".as_ref(),
+            sql.as_ref(),
+        ],
+        &[],
+        Duration::from_secs(30),
+    )
+    .unwrap()
+}
+
+#[test]
+fn cert_login_needs_a_certificate_named_after_the_role() {
+    let env = pgkeep_testkit::Env::new("certauth").unwrap();
+    let etcd = EtcdCluster::start(&env, 1).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("pgkeep");
+    let mut c = AgentCluster::prepare(&env, &etcd, "certauth", 1, &bin).unwrap();
+    let a = &c.agents[0];
+    let original = std::fs::read_to_string(&a.config).unwrap();
+    let text = add_postgresql_keys(
+        &original,
+        "  pg_hba:\n    - 'hostssl all carol 127.0.0.0/8 cert'\n",
+    );
+    let probe = env.tmp_dir().join("cert-probe.yml");
+    let out = config_check(&probe, &text);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&a.config, text).unwrap();
+    c.start_all().unwrap();
+    c.wait("a running primary", Duration::from_secs(90), |c| {
+        c.primary() == Some(0)
+    })
+    .unwrap();
+    let created = c.psql(0, "CREATE ROLE carol LOGIN").unwrap();
+    assert!(created.success(), "{}", created.stderr);
+
+    let carol = env.client_cert("carol").unwrap();
+    let ok = cert_login(
+        &env,
+        &c,
+        "carol",
+        Some(&carol),
+        "SELECT current_user || ' ' || client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    );
+    assert!(ok.success(), "carol cannot log in: {}", ok.stderr);
+    assert_eq!(ok.stdout.trim(), "carol /CN=carol");
+
+    let mallory = env.client_cert("mallory").unwrap();
+    let wrong = cert_login(&env, &c, "carol", Some(&mallory), "SELECT 1");
+    assert!(
+        !wrong.success(),
+        "another name's certificate logged in as carol"
+    );
+    assert!(
+        wrong
+            .stderr
+            .contains("certificate authentication failed for user \"carol\""),
+        "{}",
+        wrong.stderr
+    );
+    let none = cert_login(&env, &c, "carol", None, "SELECT 1");
+    assert!(!none.success(), "carol logged in without a certificate");
 }
