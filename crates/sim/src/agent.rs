@@ -164,6 +164,7 @@ impl World {
             watchdog_failed: false,
             // The model has no backup repository.
             backup_repository: false,
+            restore_interrupted: false,
             requests: n.agent.requests.clone(),
             memory,
         }

@@ -56,18 +56,41 @@ pub(crate) fn plan_empty(cx: &mut Ctx<'_>) -> Plan {
             },
         )
         .with(Action::Clone { source, wipe }),
-        // Nobody leads (every member down, or the leader's lease expired): the repository still
-        // has the cluster's data. The replica it makes replays the archive, then races or
-        // follows. A leader key whose member is not running yet (starting) is waited for.
-        None if obs.backup_repository && cx.view.leader.is_none() => {
-            Plan::new(MemberState::Cloning, Reason::RestoringFromRepository)
-                .with(Action::RestoreReplica { wipe })
-        }
+        // A leader key whose member is not running yet (starting) is waited for.
+        None if obs.backup_repository && cx.view.leader.is_none() => restore_without_leader(cx),
         None => Plan::new(
             MemberState::Uninitialized,
             Reason::WaitingForData(WaitingForData::NoSource),
         ),
     }
+}
+
+/// Nobody leads (every member down, or every data directory lost): the backup repository still
+/// has the cluster's data. The replica it makes replays the archive, then races or follows.
+/// Only into an empty data directory (or over this node's own interrupted restore), with the
+/// DCS reachable, once the leader has been absent for a whole TTL, and never in synchronous
+/// mode (a node rebuilt from the archive could win the race without transactions the
+/// synchronous standby acknowledged).
+fn restore_without_leader(cx: &mut Ctx<'_>) -> Plan {
+    let obs = cx.obs;
+    let wait = |w| Plan::new(MemberState::Uninitialized, Reason::WaitingForData(w));
+    if !obs.dcs.reachable {
+        return wait(WaitingForData::NoSource);
+    }
+    let invalid = obs.pg.data_dir == DataDir::Invalid;
+    if invalid && !obs.restore_interrupted {
+        return wait(WaitingForData::UnrecognisedData);
+    }
+    if cx.sync_active() {
+        return wait(WaitingForData::SynchronousMode);
+    }
+    let since = cx.mem.leader_absent_since.unwrap_or(cx.now);
+    let until = since + cx.cfg.ttl;
+    if cx.now < until {
+        return wait(WaitingForData::LeaderAbsentGrace).wake(until);
+    }
+    Plan::new(MemberState::Cloning, Reason::RestoringFromRepository)
+        .with(Action::RestoreReplica { wipe: invalid })
 }
 
 /// After this agent's `initdb`: first make the new system id the cluster's (compare-and-swap on

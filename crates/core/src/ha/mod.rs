@@ -51,7 +51,7 @@ pub use decide::decide;
 pub use leader_race::failover_priority;
 pub use member::{HISTORY_TL_FIELD, RELEASED_FIELD};
 pub use reason::{RaceLoss, Reason, RejectedFailover, WaitingForData};
-pub use rejoin::{Divergence, backup_fits_cluster, divergence};
+pub use rejoin::{Divergence, backup_fits_cluster, backup_fits_timeline, divergence};
 pub use slots::slot_name;
 pub use switchover::{format_rfc3339, parse_rfc3339};
 pub use types::{

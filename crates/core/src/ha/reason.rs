@@ -221,6 +221,15 @@ pub enum WaitingForData {
     EverJoined,
     /// `nofailover` nodes do not bootstrap.
     NoFailoverTag,
+    /// No leader, but not yet for a whole TTL: the leader (or a node with data) may still
+    /// come back before this node restores from the backup repository.
+    LeaderAbsentGrace,
+    /// Synchronous mode: a node rebuilt from the archive could lose transactions the
+    /// synchronous standby acknowledged, so it does not restore without a leader.
+    SynchronousMode,
+    /// The data directory is not empty and not a cluster: it is never overwritten without a
+    /// member to copy (it may be a volume not mounted yet, or data worth saving).
+    UnrecognisedData,
 }
 
 impl fmt::Display for Reason {

@@ -66,8 +66,7 @@ pub fn divergence(
 /// timeline is the highest one a member publishes or the `history` key implies; a backup on an
 /// older timeline fits when it stopped at or before that timeline's switch point in `history`
 /// (after a point-in-time restore the newest backups lie past the fork and do not). With no
-/// timeline known at all, any backup fits: the standby follows the newest timeline it finds in
-/// the archive. `Err` says why the backup does not fit.
+/// timeline known at all, none fits. `Err` says why the backup does not fit.
 pub fn backup_fits_cluster(
     view: &crate::cluster::ClusterView,
     timeline: u32,
@@ -77,7 +76,7 @@ pub fn backup_fits_cluster(
     let history_tl = history.map(|h| h.last().map_or(1, |e| e.parent_timeline + 1));
     let member_tl = view.members.values().filter_map(|m| m.data.timeline).max();
     let Some(current) = member_tl.max(history_tl) else {
-        return Ok(());
+        return Err("the cluster's timeline is not known".into());
     };
     // The history key describes the current timeline only when it reaches it.
     let authoritative = history_tl == Some(current);
@@ -93,6 +92,28 @@ pub fn backup_fits_cluster(
         )),
         Divergence::Unknown => Err(format!(
             "the cluster is on timeline {current} but its history in the DCS does not reach it yet"
+        )),
+    }
+}
+
+/// Whether a backup that ended at `stop` on `timeline` leads to `newest`, the timeline a
+/// standby restored from the archive follows, whose history file holds `history`: the same
+/// check PostgreSQL makes before it replays onto `newest`.
+pub fn backup_fits_timeline(
+    timeline: u32,
+    stop: Lsn,
+    newest: u32,
+    history: &[crate::cluster::HistoryEntry],
+) -> Result<(), String> {
+    match divergence(Some(timeline), stop, Some(newest), Some(history), true) {
+        Divergence::No => Ok(()),
+        Divergence::Yes {
+            switch_point: Some(at),
+        } => Err(format!(
+            "it stopped at {stop} on timeline {timeline}, past that timeline's end at {at} in the history of timeline {newest}"
+        )),
+        _ => Err(format!(
+            "timeline {timeline} is not in the history of timeline {newest}, the newest in the archive"
         )),
     }
 }

@@ -313,9 +313,12 @@ pub struct LocalObservation {
     pub bootstrap_allowed: bool,
     /// The watchdog is required but does not work.
     pub watchdog_failed: bool,
-    /// A backup repository (pgBackRest) is configured: a replica can be made from it when no
-    /// member is running to copy.
+    /// A backup repository (pgBackRest) is configured and may make a replica when no leader
+    /// runs (`pgkeep.pgbackrest.replica_without_leader`).
     pub backup_repository: bool,
+    /// Persisted marker: a restore from the backup repository began and did not finish; the
+    /// data directory it left may be restored over.
+    pub restore_interrupted: bool,
     /// Operator requests.
     pub requests: LocalRequests,
     /// Memory returned by the previous decision ([`Decision::memory`](super::Decision)); the

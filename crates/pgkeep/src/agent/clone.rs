@@ -26,27 +26,44 @@ impl Shell {
     }
 
     /// Makes this node a replica: from the pgBackRest repository when the node has one, else
-    /// (or when that fails) with `pg_basebackup` from `source`. Without a source (no running
-    /// member to copy) only the repository can serve, and its failure is the operation's.
+    /// (or when that fails) with `pg_basebackup` from `source`. Without a source (no leader)
+    /// only the repository can serve, and its failure is the operation's.
     pub(super) fn start_clone(&mut self, source: Option<&str>, wipe: bool) -> Result<()> {
+        // A failed attempt is not repeated at once: a repository or source that fails fast
+        // would otherwise be asked again many times a second.
+        let pause = Duration::from_millis(self.ha.loop_wait.0);
+        if self.clone_failed_at.is_some_and(|t| t.elapsed() < pause) {
+            tracing::debug!("the last clone failed less than loop_wait ago; not retrying yet");
+            return Ok(());
+        }
         let conninfo = source.map(|s| self.tool_conninfo(s, false)).transpose()?;
         let instance = self.instance.clone();
         let initdb_marker = self.layout.config_dir.join(super::observe::INITDB_MARKER);
+        let restore_marker = self.layout.config_dir.join(super::observe::RESTORE_MARKER);
         let repository = self.cfg.pgbackrest.clone();
-        // The cluster's timelines and history: a backup must lie on the current timeline's.
+        // The cluster as the DCS shows it: its system identifier, timelines and history.
         let view = self.watch.snapshot().map(|s| s.view.clone());
         let source = source.map(str::to_owned);
         self.spawn_busy(LongOperation::Clone, async move {
             if let Some(p) = &repository {
                 tracing::info!(stanza = %p.stanza, wipe, "creating the replica from the pgBackRest repository (delta restore)");
-                match restore_replica(&instance, p, view.as_ref()).await {
+                crate::fsutil::write_atomic(&restore_marker, b"", 0o600)
+                    .with_context(|| format!("writing {}", restore_marker.display()))?;
+                let fit = match &source {
+                    Some(_) => Fit::Cluster(view.as_ref()),
+                    None => Fit::Archive,
+                };
+                match restore_replica(&instance, p, view.as_ref(), fit).await {
                     Ok(()) => {
                         tracing::info!("replica restored from the pgBackRest repository; it catches up from the archive, then streams");
                         let _ = std::fs::remove_file(&initdb_marker);
+                        let _ = std::fs::remove_file(&restore_marker);
                         return Ok(());
                     }
+                    // Nothing else to copy: the next attempt restores over what this one left
+                    // (the marker says it is ours).
                     Err(e) if source.is_none() => {
-                        return Err(e.context("no running member to copy either"));
+                        return Err(e.context("no leader to copy either"));
                     }
                     Err(e) if e.downcast_ref::<NoUsableBackup>().is_some() => tracing::info!(
                         source = source.as_deref().unwrap_or("-"),
@@ -59,9 +76,15 @@ impl Shell {
                         "restoring from the pgBackRest repository failed; cloning with pg_basebackup instead"
                     ),
                 }
+                // The directory was empty (or is replaced whole below): what a failed restore
+                // wrote into it goes.
+                if !wipe {
+                    empty_dir(&instance.data_dir)?;
+                }
+                let _ = std::fs::remove_file(&restore_marker);
             }
             let (Some(source), Some(conninfo)) = (source, conninfo) else {
-                anyhow::bail!("no running member to copy and no pgBackRest repository configured");
+                anyhow::bail!("no leader to copy and no pgBackRest repository configured");
             };
             tracing::info!(%source, wipe, "cloning with pg_basebackup");
             // Replacing a data directory: clone beside it and swap only once the clone is
@@ -158,6 +181,16 @@ impl Shell {
     }
 }
 
+/// How a backup is judged able to become a replica of the cluster.
+enum Fit<'a> {
+    /// Against the DCS (a leader runs and publishes its timeline and history):
+    /// [`backup_fits_cluster`](pgkeep_core::ha::backup_fits_cluster).
+    Cluster(Option<&'a pgkeep_core::cluster::ClusterView>),
+    /// Against the archive, as PostgreSQL will follow it (no leader): from the backup's
+    /// timeline, the next ones whose history files the archive holds.
+    Archive,
+}
+
 /// The data directory as of the repository's newest usable backup, in place (`--delta`: files
 /// that match are kept, so re-creating a diverged replica copies only what differs), with the
 /// backup's own `postgresql.auto.conf` and no recovery target (`--type=none`): the agent
@@ -165,8 +198,8 @@ impl Shell {
 /// `restore_command`) and then streams. pgBackRest writes the control file last, so an
 /// interrupted restore never starts.
 ///
-/// Usable: the backup's WAL is a prefix of the cluster's current timeline
-/// ([`backup_fits_cluster`](pgkeep_core::ha::backup_fits_cluster)). After a point-in-time
+/// Usable: taken from this cluster (the stanza's system identifier is the cluster's), and its
+/// WAL is a prefix of the timeline the replica will follow ([`Fit`]). After a point-in-time
 /// restore the newest backups lie on the abandoned timeline, past the new one's fork, and a
 /// standby made from them could never follow it; an older backup from before the fork can.
 /// Without such a backup the caller clones with `pg_basebackup` (until the next backup).
@@ -174,6 +207,7 @@ async fn restore_replica(
     instance: &crate::postgres::Instance,
     p: &crate::config::PgBackRest,
     view: Option<&pgkeep_core::cluster::ClusterView>,
+    fit: Fit<'_>,
 ) -> Result<()> {
     let base = [
         format!("--config-path={}", p.config_path.display()),
@@ -187,19 +221,47 @@ async fn restore_replica(
         .await
         .context("pgbackrest info")?;
     let stanza = crate::pgbackrest::info::parse(&info.stdout, &p.stanza)?;
+    if let (Some(repo), Some(pgkeep_core::cluster::Initialize::SystemId(ours))) = (
+        stanza.system_id.as_deref(),
+        view.and_then(|v| v.initialize.as_ref()),
+    ) && repo != ours
+    {
+        return Err(NoUsableBackup(format!(
+            "the stanza {} holds the cluster with system identifier {repo}, this cluster is {ours}",
+            p.stanza
+        ))
+        .into());
+    }
+    let mut archive = match fit {
+        Fit::Cluster(_) => None,
+        Fit::Archive => Some(ArchiveTimelines::list(instance, &base, &stanza).await?),
+    };
     let mut refused = Vec::new();
-    let newest = stanza.backups.iter().rev().filter(|b| !b.error).find(|b| {
-        let fits = match (b.stop_position(), view) {
-            (Some((tl, lsn)), Some(v)) => pgkeep_core::ha::backup_fits_cluster(v, tl, lsn),
-            (None, Some(_)) => Err(format!(
+    let mut newest = None;
+    for b in stanza.backups.iter().rev().filter(|b| !b.error) {
+        let fits = match (b.stop_position(), &fit, archive.as_mut()) {
+            (None, _, _) => Err(format!(
                 "its last WAL segment {:?} is unreadable",
                 b.wal_stop
             )),
-            (_, None) => Err("the cluster's state is not known yet".into()),
+            (Some((tl, lsn)), Fit::Cluster(Some(v)), _) => {
+                pgkeep_core::ha::backup_fits_cluster(v, tl, lsn)
+            }
+            (Some(_), Fit::Cluster(None), _) => Err("the cluster's state is not known yet".into()),
+            (Some((tl, lsn)), Fit::Archive, Some(a)) => {
+                let (latest, history) = a.followed_from(instance, &base, tl).await?;
+                pgkeep_core::ha::backup_fits_timeline(tl, lsn, latest, &history)
+            }
+            (Some(_), Fit::Archive, None) => Err("the archive was not listed".into()),
         };
-        fits.map_err(|why| refused.push(format!("{}: {why}", b.label)))
-            .is_ok()
-    });
+        match fits {
+            Ok(()) => {
+                newest = Some(b);
+                break;
+            }
+            Err(why) => refused.push(format!("{}: {why}", b.label)),
+        }
+    }
     let Some(newest) = newest else {
         return Err(NoUsableBackup(if refused.is_empty() {
             "the repository has no backup yet".into()
@@ -218,30 +280,97 @@ async fn restore_replica(
         "--type=none".into(),
         "--log-level-console=warn".into(),
     ]);
-    // Delta needs a data directory to compare with; an empty one gets a plain restore.
-    if instance.data_dir.join("PG_VERSION").exists() {
+    // Delta needs a data directory to compare with: pgBackRest recognises one by PG_VERSION or
+    // by the manifest it writes first (an interrupted restore of its own).
+    let d = &instance.data_dir;
+    if d.join("PG_VERSION").exists() || d.join("backup.manifest").exists() {
         args.push("--delta".into());
+    } else {
+        empty_dir(d)?;
     }
     args.push("restore".into());
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        match std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&instance.data_dir)
-        {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("creating {}", instance.data_dir.display()));
-            }
-        }
-    }
     instance
         .runner
-        .run(PGBACKREST, &args, &[], Duration::from_secs(3600))
+        .run(PGBACKREST, &args, &[], RESTORE_TIMEOUT)
         .await
         .context("pgbackrest restore")?;
     Ok(())
+}
+
+/// A restore of a large database takes hours; a stuck one is the operator's to see.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(48 * 3600);
+
+/// The history files of the stanza's archive, read as a standby restored from it reads them
+/// (`recovery_target_timeline = latest`: from its own timeline, each next one the archive
+/// has a history file for).
+struct ArchiveTimelines {
+    /// `archive/<stanza>/<archive id>`.
+    dir: String,
+    /// Timelines with a history file.
+    timelines: std::collections::BTreeSet<u32>,
+}
+
+impl ArchiveTimelines {
+    async fn list(
+        instance: &crate::postgres::Instance,
+        base: &[String; 2],
+        stanza: &crate::pgbackrest::info::Stanza,
+    ) -> Result<ArchiveTimelines> {
+        let id = stanza
+            .archive_id
+            .as_deref()
+            .context("pgbackrest info shows no archive for the stanza")?;
+        let dir = format!("archive/{}/{id}", stanza.name);
+        let mut args: Vec<OsString> = base.iter().map(OsString::from).collect();
+        args.extend(["repo-ls".into(), dir.clone().into()]);
+        let out = instance
+            .runner
+            .run(PGBACKREST, &args, &[], Duration::from_secs(60))
+            .await
+            .with_context(|| format!("pgbackrest repo-ls {dir}"))?;
+        let timelines = out
+            .stdout
+            .lines()
+            .filter_map(|l| l.trim().strip_suffix(".history"))
+            .filter_map(|t| u32::from_str_radix(t, 16).ok())
+            .collect();
+        Ok(ArchiveTimelines { dir, timelines })
+    }
+
+    /// The timeline a standby starting on `from` ends up following, and its history.
+    async fn followed_from(
+        &self,
+        instance: &crate::postgres::Instance,
+        base: &[String; 2],
+        from: u32,
+    ) -> Result<(u32, Vec<pgkeep_core::cluster::HistoryEntry>)> {
+        let mut latest = from;
+        while self.timelines.contains(&(latest + 1)) {
+            latest += 1;
+        }
+        if latest == from {
+            return Ok((latest, Vec::new()));
+        }
+        let file = format!("{}/{latest:08X}.history", self.dir);
+        let mut args: Vec<OsString> = base.iter().map(OsString::from).collect();
+        args.extend(["repo-get".into(), file.clone().into()]);
+        let out = instance
+            .runner
+            .run(PGBACKREST, &args, &[], Duration::from_secs(60))
+            .await
+            .with_context(|| format!("pgbackrest repo-get {file}"))?;
+        Ok((latest, super::observe::parse_history(&out.stdout)))
+    }
+}
+
+/// Removes everything in `dir` (created 0700 if missing).
+fn empty_dir(dir: &std::path::Path) -> Result<()> {
+    remove_dir_if_exists(dir)?;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// Debian's pgBackRest.

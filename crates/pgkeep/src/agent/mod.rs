@@ -66,6 +66,8 @@ struct Shell {
     memory: HaMemory,
     busy: Option<Busy>,
     rewind_failed: bool,
+    /// When the last clone or restore failed: the next waits a `loop_wait`.
+    clone_failed_at: Option<Instant>,
     /// WAL pgBackRest dropped from the archive queue since the agent started (nodes with a
     /// repository).
     wal_drops: Option<observe::WalDrops>,
@@ -180,11 +182,17 @@ impl Shell {
                     if op == LongOperation::Rewind {
                         self.rewind_failed = false;
                     }
+                    if op == LongOperation::Clone {
+                        self.clone_failed_at = None;
+                    }
                 }
                 (Err(e), op) => {
                     tracing::error!(?op, error = format!("{e:#}"), "background operation failed");
                     if op == LongOperation::Rewind {
                         self.rewind_failed = true;
+                    }
+                    if op == LongOperation::Clone {
+                        self.clone_failed_at = Some(Instant::now());
                     }
                 }
             }
@@ -508,6 +516,7 @@ pub async fn run(config_path: &Path, log_format: Option<crate::config::LogFormat
         memory: HaMemory::default(),
         busy: None,
         rewind_failed: false,
+        clone_failed_at: None,
         wal_drops: cfg.pgbackrest.as_ref().map(observe::WalDrops::start),
         upstream: None,
         upstream_unrendered: false,

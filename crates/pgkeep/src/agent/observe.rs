@@ -22,6 +22,9 @@ pub(super) const BOOTSTRAP_MARKER: &str = "pgkeep-bootstrap-allowed";
 /// File in the configuration directory while the data directory holds this node's own initdb
 /// whose system identifier the cluster has not confirmed yet.
 pub(super) const INITDB_MARKER: &str = "pgkeep-initdb-unconfirmed";
+/// File in the configuration directory while a restore from the backup repository runs: a
+/// data directory it leaves behind may be restored over.
+pub(super) const RESTORE_MARKER: &str = "pgkeep-restore-in-progress";
 
 impl Shell {
     /// One observation of PostgreSQL. SQL is used only while the postmaster says it accepts
@@ -316,7 +319,12 @@ impl Shell {
             initdb_unconfirmed: self.marker(INITDB_MARKER),
             bootstrap_allowed: self.marker(BOOTSTRAP_MARKER),
             watchdog_failed: self.watchdog.failed(),
-            backup_repository: self.cfg.pgbackrest.is_some(),
+            backup_repository: self
+                .cfg
+                .pgbackrest
+                .as_ref()
+                .is_some_and(|p| p.replica_without_leader),
+            restore_interrupted: self.marker(RESTORE_MARKER),
             requests: self.requests.clone(),
             memory: self.memory.clone(),
         }

@@ -111,6 +111,9 @@ pub struct PgBackRest {
     pub config_path: PathBuf,
     /// The stanza (default: the scope).
     pub stanza: String,
+    /// With no leader for a TTL, an empty node restores its replica from the repository
+    /// instead of waiting for a member to copy (Patroni: `no_leader` on a replica method).
+    pub replica_without_leader: bool,
 }
 
 /// REST API settings.

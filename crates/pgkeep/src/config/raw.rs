@@ -264,4 +264,6 @@ pub(super) struct RawPgBackRest {
     pub(super) config_path: Option<String>,
     #[serde(default)]
     pub(super) stanza: Option<String>,
+    #[serde(default)]
+    pub(super) replica_without_leader: bool,
 }

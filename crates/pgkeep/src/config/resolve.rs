@@ -197,6 +197,7 @@ pub(super) fn resolve(file: &Path, raw: RawConfig) -> Result<Config, ConfigError
             Some(super::PgBackRest {
                 config_path,
                 stanza,
+                replica_without_leader: p.replica_without_leader,
             })
         }
     };

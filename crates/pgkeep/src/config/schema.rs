@@ -161,7 +161,14 @@ pub(super) const ROOT: &[Entry] = &[
             leaf("callback_timeout"),
             leaf("callback_primary_role"),
             leaf("certificate_expiry_warning_days"),
-            section("pgbackrest", &[leaf("config_path"), leaf("stanza")]),
+            section(
+                "pgbackrest",
+                &[
+                    leaf("config_path"),
+                    leaf("stanza"),
+                    leaf("replica_without_leader"),
+                ],
+            ),
             section(
                 "insecure",
                 &[

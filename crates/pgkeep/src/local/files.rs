@@ -210,6 +210,9 @@ pub fn node_config(layout: &Layout, inv: &Inventory, h: &DbHost) -> Result<Value
         v["pgkeep"] = json!({"pgbackrest": {
             "config_path": s(&super::backup::node_config_path(layout, n)),
             "stanza": inv.cluster,
+            // The repository is this environment's own: with every node's data lost, the
+            // cluster comes back from it without an operator.
+            "replica_without_leader": true,
         }});
     }
     Ok(v)

@@ -55,30 +55,37 @@ pub struct RestoreOptions {
     pub timeout: Duration,
 }
 
-/// Nodes whose stopped PostgreSQL still has WAL waiting for the archive (`.ready` status
-/// files), as `node: N files, newest X`.
-fn unarchived_wal(layout: &Layout, inv: &Inventory) -> Vec<String> {
-    inv.database_hosts
-        .iter()
-        .filter_map(|h| {
-            let status = layout.data_dir(&h.name).join("pg_wal/archive_status");
-            let mut ready: Vec<String> = std::fs::read_dir(status)
-                .ok()?
-                .flatten()
-                .filter_map(|e| {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    n.strip_suffix(".ready").map(str::to_owned)
-                })
-                .collect();
-            ready.sort();
-            let newest = ready.last()?;
-            Some(format!(
-                "{}: {} files, newest {newest}",
-                h.name,
-                ready.len()
-            ))
-        })
-        .collect()
+/// The WAL segments the stopped PostgreSQL of `dir` still has waiting for the archive
+/// (`.ready` status files), sorted. A directory that cannot be read is an error: "nothing
+/// waiting" must be known, not assumed.
+fn unarchived_wal(dir: &std::path::Path) -> Result<Vec<String>> {
+    let status = dir.join("pg_wal/archive_status");
+    if !dir.join("PG_VERSION").exists() {
+        return Ok(Vec::new());
+    }
+    let mut ready = Vec::new();
+    for e in std::fs::read_dir(&status).with_context(|| format!("reading {}", status.display()))? {
+        let e = e.with_context(|| format!("reading {}", status.display()))?;
+        if let Some(n) = e.file_name().to_string_lossy().strip_suffix(".ready") {
+            ready.push(n.to_owned());
+        }
+    }
+    ready.sort();
+    Ok(ready)
+}
+
+/// `Database cluster state` of the data directory of `h`, from `pg_controldata`.
+fn cluster_state(layout: &Layout, h: &DbHost, pg: &ServiceUser) -> Result<String> {
+    let mut cmd = Command::new(format!("{}/pg_controldata", super::PG_BIN_DIR));
+    as_postgres(&mut cmd, layout, h, pg)
+        .env("LC_ALL", "C")
+        .arg(layout.data_dir(&h.name));
+    let out = cmd.output().context("running pg_controldata")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Database cluster state:"))
+        .map(|s| s.trim().to_owned())
+        .with_context(|| format!("pg_controldata: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// The recovery settings pgBackRest writes into `postgresql.auto.conf`; reset once the node
@@ -225,22 +232,41 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
         backup::stop_scheduler(&layout, Duration::from_secs(30))?;
         backup::wait_backup_done(&layout, &inv, Duration::from_secs(1800))?;
         stop_agents(&layout, &inv, leader.as_deref(), Duration::from_secs(60))?;
-        let waiting = unarchived_wal(&layout, &inv);
-        if waiting.is_empty() {
-            return Ok(());
+        // The last primary is the node whose WAL the archive must hold (a replica's leftover
+        // status files are not the cluster's).
+        let last = leader.as_deref().unwrap_or(&node.name);
+        let lh = inv
+            .database_hosts
+            .iter()
+            .find(|h| h.name == last)
+            .context("the last primary is not in the inventory")?;
+        let latest = opts.target == RecoveryTarget::Latest;
+        let waiting = unarchived_wal(&layout.data_dir(&lh.name)).with_context(|| {
+            format!("cannot tell whether {last} has WAL waiting for the archive")
+        })?;
+        if let Some(newest) = waiting.last() {
+            let list = format!("{last}: {} segments, newest {newest}", waiting.len());
+            if latest {
+                bail!(
+                    "WAL not yet in the archive ({list}): a restore to the latest point would lose \
+                     the transactions in it. Nothing was changed; `pgkeep up --dir {}` starts the \
+                     cluster again; fix archiving (pgkeep backup check), then restore",
+                    layout.dir.display()
+                );
+            }
+            println!("      WARNING: WAL not yet in the archive ({list}); a target in it cannot be reached");
         }
-        let list = waiting.join(", ");
-        if opts.target == RecoveryTarget::Latest {
-            bail!(
-                "WAL not yet in the archive ({list}): a restore to the latest point would lose \
-                 the transactions in it. Nothing was changed; `pgkeep up --dir {}` starts the \
-                 cluster again; fix archiving (pgkeep backup check), then restore",
-                layout.dir.display()
-            );
+        // A primary that crashed never switched to a new segment at shutdown: its last, partial
+        // one is in no archive.
+        match cluster_state(&layout, lh, &pg) {
+            Ok(state) if state == "shut down" || state == "shut down in recovery" => {}
+            Ok(state) if latest => println!(
+                "      WARNING: {last} did not shut down cleanly ({state}): the transactions in its \
+                 last, partial WAL segment are not in the archive and will not be restored"
+            ),
+            Ok(_) => {}
+            Err(e) => println!("      WARNING: the state of {last}'s data directory is unknown: {e:#}"),
         }
-        println!(
-            "      WARNING: WAL not yet in the archive ({list}); a target in it cannot be reached"
-        );
         Ok(())
     })?;
     files::write(

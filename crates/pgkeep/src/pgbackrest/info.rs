@@ -44,8 +44,12 @@ pub struct Stanza {
     pub cipher: String,
     /// Oldest and newest WAL segment in the archive of the current database.
     pub archive: Option<(String, String)>,
+    /// The directory of that archive under `archive/<stanza>/` (`15-1`).
+    pub archive_id: Option<String>,
     /// Backups, oldest first.
     pub backups: Vec<Backup>,
+    /// The system identifier of the stanza's current database.
+    pub system_id: Option<String>,
 }
 
 fn bad<T>(what: &str) -> Result<T, PgBackRestError> {
@@ -86,14 +90,12 @@ pub fn parse(json: &str, stanza: &str) -> Result<Stanza, PgBackRestError> {
         str_at(s, &["status", "message"]).unwrap_or_default(),
     );
     // The archive of the newest database id (a stanza-upgrade adds one).
-    let archive = s
-        .get("archive")
-        .and_then(Value::as_array)
-        .and_then(|a| {
-            a.iter()
-                .max_by_key(|x| i64_at(x, &["database", "id"]).unwrap_or(0))
-        })
-        .and_then(|a| Some((str_at(a, &["min"])?, str_at(a, &["max"])?)));
+    let newest_archive = s.get("archive").and_then(Value::as_array).and_then(|a| {
+        a.iter()
+            .max_by_key(|x| i64_at(x, &["database", "id"]).unwrap_or(0))
+    });
+    let archive = newest_archive.and_then(|a| Some((str_at(a, &["min"])?, str_at(a, &["max"])?)));
+    let archive_id = newest_archive.and_then(|a| str_at(a, &["id"]));
     let mut backups = Vec::new();
     for b in s
         .get("backup")
@@ -129,7 +131,18 @@ pub fn parse(json: &str, stanza: &str) -> Result<Stanza, PgBackRestError> {
         status,
         cipher: str_at(s, &["cipher"]).unwrap_or_else(|| "none".into()),
         archive,
+        archive_id,
         backups,
+        system_id: s
+            .get("db")
+            .and_then(Value::as_array)
+            .and_then(|d| d.iter().max_by_key(|x| i64_at(x, &["id"]).unwrap_or(0)))
+            .and_then(|d| d.get("system-id"))
+            .and_then(|v| {
+                v.as_u64()
+                    .map(|n| n.to_string())
+                    .or_else(|| v.as_str().map(str::to_owned))
+            }),
     })
 }
 
@@ -191,7 +204,8 @@ mod tests {
          "error":false,"info":{"repository":{"delta":3786624,"size":3786624},"size":30845809},
          "label":"20261129-233326F","prior":null,
          "timestamp":{"start":1795995206,"stop":1795995208},"type":"full"}],
-      "cipher":"aes-256-cbc","name":"bk","status":{"code":0,"message":"ok"}}]"#;
+      "cipher":"aes-256-cbc","db":[{"id":1,"repo-key":1,"system-id":7713789783062165397,"version":"15"}],
+      "name":"bk","status":{"code":0,"message":"ok"}}]"#;
 
     #[test]
     fn backups_come_out_oldest_first_with_their_wal_range() {
@@ -210,6 +224,8 @@ mod tests {
         assert_eq!(s.backups[0].repo_size, 3_786_624);
         assert_eq!(s.backups[1].prior.as_deref(), Some("20261129-233326F"));
         assert_eq!(s.backups[1].wal_start, "00000003000000000000000B");
+        assert_eq!(s.system_id.as_deref(), Some("7713789783062165397"));
+        assert_eq!(s.archive_id.as_deref(), Some("15-1"));
     }
 
     #[test]

@@ -93,21 +93,57 @@ fn initialised_cluster_is_never_initdb_even_with_the_marker() {
 }
 
 #[test]
-fn empty_node_restores_from_the_repository_when_nobody_runs_to_copy() {
+fn empty_node_restores_from_the_repository_when_nobody_leads_for_a_ttl() {
     let mut fx = empty("n2");
     fx.obs.backup_repository = true;
     // A running leader is still the source: the shell tries the repository first itself.
     assert!(fx.decide().has(|a| matches!(a, Action::Clone { .. })));
-    // No leader.
+    // No leader: first a TTL of grace, then the restore.
     fx.view.leader = None;
+    fx.obs.memory.leader_absent_since = Some(fx.now);
+    let d = fx.decide();
+    assert_eq!(
+        d.reason,
+        Reason::WaitingForData(WaitingForData::LeaderAbsentGrace)
+    );
+    assert!(acts(&d).is_empty());
+    fx.now = fx.now + fx.cfg.ttl;
     let d = fx.decide();
     assert_eq!(d.reason, Reason::RestoringFromRepository);
     assert_eq!(d.state, MemberState::Cloning);
     assert_eq!(acts(&d), vec![Action::RestoreReplica { wipe: false }]);
+    // Without the option the node waits for a member to copy.
+    fx.obs.backup_repository = false;
+    assert_eq!(
+        fx.decide().reason,
+        Reason::WaitingForData(WaitingForData::NoSource)
+    );
+    fx.obs.backup_repository = true;
+    // Never without the DCS.
+    fx.obs.dcs.reachable = false;
+    assert!(
+        !fx.decide()
+            .has(|a| matches!(a, Action::RestoreReplica { .. }))
+    );
+    fx.obs.dcs.reachable = true;
+    // Never over a data directory it does not recognise, unless its own restore stopped half
+    // way.
     fx.obs.pg.data_dir = DataDir::Invalid;
+    assert_eq!(
+        fx.decide().reason,
+        Reason::WaitingForData(WaitingForData::UnrecognisedData)
+    );
+    fx.obs.restore_interrupted = true;
     assert_eq!(
         acts(&fx.decide()),
         vec![Action::RestoreReplica { wipe: true }]
+    );
+    // Never in synchronous mode.
+    fx.sync("n1", &["n2"]);
+    fx.view.leader = None;
+    assert_eq!(
+        fx.decide().reason,
+        Reason::WaitingForData(WaitingForData::SynchronousMode)
     );
     // A leader key whose member is not running yet (starting) is waited for.
     let mut fx = empty("n2");

@@ -398,10 +398,25 @@ fn backup_fit_unknown_while_the_history_lags_the_timeline() {
     view.members.values_mut().next().unwrap().data.timeline = Some(3);
     let e = backup_fits_cluster(&view, 1, Lsn(100)).unwrap_err();
     assert!(e.contains("does not reach it"), "{e}");
-    // Nothing known about timelines: any backup fits.
+    // Nothing known about timelines: none fits.
     let mut view = crate::cluster::ClusterView::default();
-    assert_eq!(backup_fits_cluster(&view, 7, Lsn(1)), Ok(()));
+    assert!(backup_fits_cluster(&view, 7, Lsn(1)).is_err());
     view.history = Some(Vec::new());
     assert_eq!(backup_fits_cluster(&view, 1, Lsn(1)), Ok(()));
     assert!(backup_fits_cluster(&view, 2, Lsn(1)).is_err());
+}
+
+#[test]
+fn a_backup_fits_the_archives_newest_timeline_as_postgresql_decides() {
+    // Timeline 3 came from a point-in-time restore to 500 on timeline 1; timeline 2 (forked
+    // at 900) was abandoned. Its history file names only timeline 1.
+    let h3 = [entry(1, 500)];
+    assert_eq!(backup_fits_timeline(3, Lsn(7_000), 3, &h3), Ok(()));
+    assert_eq!(backup_fits_timeline(1, Lsn(400), 3, &h3), Ok(()));
+    assert!(backup_fits_timeline(1, Lsn(600), 3, &h3).is_err());
+    let e = backup_fits_timeline(2, Lsn(950), 3, &h3).unwrap_err();
+    assert!(e.contains("not in the history"), "{e}");
+    assert!(backup_fits_timeline(4, Lsn(1), 3, &h3).is_err());
+    // Timeline 1 only.
+    assert_eq!(backup_fits_timeline(1, Lsn(1), 1, &[]), Ok(()));
 }
