@@ -464,6 +464,8 @@ fn restore_to_a_time_brings_a_dropped_table_back_on_a_new_timeline() -> Result<(
                     .env_clear()
                     .env("PATH", "/usr/bin:/bin")
                     .env("PGCONNECT_TIMEOUT", "2")
+                    // A commit that blocks must not hang the test.
+                    .env("PGOPTIONS", "-c statement_timeout=5000")
                     .output();
                 match out {
                     Ok(o) if o.status.success() => committed.push(id),
