@@ -67,7 +67,7 @@ pub enum DynamicError {
 
 /// Patroni keys under `postgresql` that run commands, name files or rewrite authentication.
 /// They are honoured only in the local file.
-const LOCAL_ONLY_POSTGRESQL_KEYS: &[&str] = &[
+pub(crate) const LOCAL_ONLY_POSTGRESQL_KEYS: &[&str] = &[
     "callbacks",
     "pre_promote",
     "before_stop",

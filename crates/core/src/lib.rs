@@ -6,6 +6,7 @@
 //! and deterministic simulations instead of mocks.
 
 pub mod apps;
+pub mod audit;
 pub mod cluster;
 pub mod dynamic;
 pub mod ha;

@@ -26,6 +26,8 @@ pub fn baseline() -> Parameters {
     for (n, v) in [
         ("ssl", "on"),
         ("ssl_min_protocol_version", "TLSv1.2"),
+        // PostgreSQL's default adds MEDIUM and 3DES (Sweet32) for TLS 1.2 clients.
+        ("ssl_ciphers", "HIGH:!aNULL:!MD5:!3DES"),
         ("password_encryption", "scram-sha-256"),
         ("shared_preload_libraries", "pgaudit"),
         ("pgaudit.log", "ddl,role"),

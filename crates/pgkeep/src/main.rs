@@ -42,6 +42,8 @@ enum Command {
     Backup(cli::backup::BackupArgs),
     /// Restore the cluster to a point in time from the pgBackRest repository (new timeline).
     Restore(cli::backup::RestoreArgs),
+    /// Security assessment of a local environment: checks with evidence, remedies and a score.
+    Audit(cli::audit::AuditArgs),
     /// Run scheduled backups on the pgBackRest repository host (as the pgbackrest user).
     BackupScheduler {
         /// The scheduler's configuration file.
@@ -89,6 +91,7 @@ fn main() -> std::process::ExitCode {
         Command::Etcd(a) => cli::etcd::run(a),
         Command::Backup(a) => cli::backup::run(a),
         Command::Restore(a) => cli::backup::run_restore(a),
+        Command::Audit(a) => cli::audit::run(a),
         Command::BackupScheduler { config } => run_scheduler(&config),
         Command::FenceGuard {
             state,

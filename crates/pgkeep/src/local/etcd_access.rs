@@ -55,6 +55,11 @@ async fn admin(layout: &Layout, inv: &Inventory) -> Result<Admin> {
         .with_context(|| format!("connecting to etcd as root ({})", root.cert.display()))
 }
 
+/// Whether etcd's authentication is on (asked as root).
+pub async fn auth_enabled(layout: &Layout, inv: &Inventory) -> Result<bool> {
+    Ok(admin(layout, inv).await?.auth_enabled().await?)
+}
+
 /// Creates the environment's users and roles where missing and turns authentication on (first
 /// checking whether it is). Changes nothing on a converged environment.
 pub async fn ensure(layout: &Layout, inv: &Inventory) -> Result<Report> {

@@ -29,6 +29,7 @@
 //! which exec without forking, so the recorded PID is the service's own. A PID is trusted only
 //! when `/proc/<pid>/cmdline` names the expected program and this directory.
 
+pub mod audit;
 pub mod backup;
 pub mod certs;
 pub mod down;

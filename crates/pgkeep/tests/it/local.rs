@@ -435,6 +435,49 @@ fn local_up_brings_a_healthy_cluster_and_down_up_keeps_it() -> Result<()> {
         String::from_utf8_lossy(&edit.stderr)
     );
 
+    // The security assessment of a fresh environment finds nothing high or critical; a
+    // private key made readable by others is a critical failure, and fixing it passes again.
+    let audit = |extra: &[&str]| {
+        let mut args = vec!["audit", "--dir", sc.d()];
+        args.extend_from_slice(extra);
+        pgkeep(&args)
+    };
+    let out = audit(&["--format", "json"]);
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let findings = report["findings"].as_array().context("findings")?;
+    ensure!(findings.len() > 150, "{} findings", findings.len());
+    let serious: Vec<&Value> = findings
+        .iter()
+        .filter(|f| {
+            f["status"] == "fail" && matches!(f["severity"].as_str(), Some("high" | "critical"))
+        })
+        .collect();
+    ensure!(out.status.success() && serious.is_empty(), "{serious:?}");
+    let key = sc.dir.join("nodes/node2/tls/postgres-node2.key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644))?;
+    let weak = audit(&["--format", "json"]);
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600))?;
+    let report: Value = serde_json::from_slice(&weak.stdout)?;
+    let fs02: Vec<&Value> = report["findings"]
+        .as_array()
+        .context("findings")?
+        .iter()
+        .filter(|f| f["id"] == "FS-02" && f["status"] == "fail")
+        .collect();
+    ensure!(
+        !weak.status.success()
+            && fs02.len() == 1
+            && fs02[0]["node"] == "node2"
+            && fs02[0]["evidence"]
+                .as_str()
+                .is_some_and(|e| e.contains("postgres-node2.key 0644")),
+        "{fs02:?}"
+    );
+    ensure!(
+        audit(&[]).status.success(),
+        "the fixed key still fails the audit"
+    );
+
     // A second up starts no second agent.
     let agents: Vec<u32> = (1..=3)
         .map(|i| sc.pid(&format!("node{i}-agent")))

@@ -1,0 +1,126 @@
+//! What the collectors found, as plain data: the only input of the checks. Every field is
+//! optional or a list, because a collector may not reach everything (a node down, a file it may
+//! not read); a check whose facts are missing says "not applicable" or "manual", never "pass".
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything known about one environment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Facts {
+    /// Each database node.
+    pub nodes: Vec<NodeFacts>,
+    /// The dynamic configuration (the DCS `config` key), as stored.
+    pub dcs_config: Option<serde_json::Value>,
+    /// etcd, as seen from the operator's side.
+    pub etcd: Option<EtcdFacts>,
+    /// The HAProxy configuration file's text, when one was given.
+    pub haproxy_cfg: Option<String>,
+    /// The backup repository.
+    pub backup: Option<BackupFacts>,
+}
+
+/// One database node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeFacts {
+    /// Member name.
+    pub name: String,
+    /// `pg_settings`: name → setting, as PostgreSQL reports it (units as in `setting`).
+    pub settings: BTreeMap<String, String>,
+    /// `pg_hba_file_rules`, as PostgreSQL parsed the file.
+    pub hba: Vec<HbaRule>,
+    /// Roles (`pg_authid`).
+    pub roles: Vec<Role>,
+    /// Installed extensions (`pg_extension`): name → version.
+    pub extensions: BTreeMap<String, String>,
+    /// `pg_control_system()` and friends: data checksums on.
+    pub data_checksums: Option<bool>,
+    /// Schemas where `PUBLIC` may create objects.
+    pub public_create_schemas: Vec<String>,
+    /// Files of the node (data directory, configuration, keys).
+    pub files: Vec<FileFacts>,
+    /// The agent's own `insecure:` relaxations in force (none: not collected).
+    pub insecure: Option<Vec<String>>,
+    /// The certificates the node uses: role → seconds until expiry.
+    pub cert_seconds_left: BTreeMap<String, i64>,
+}
+
+/// One row of `pg_hba_file_rules`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HbaRule {
+    /// Line number in the file.
+    pub line: u32,
+    /// `local`, `host`, `hostssl`, ...
+    pub kind: String,
+    /// Databases.
+    pub databases: Vec<String>,
+    /// Users.
+    pub users: Vec<String>,
+    /// Address (or keyword such as `all`, `samehost`), empty for `local`.
+    pub address: Option<String>,
+    /// Netmask, when given separately.
+    pub netmask: Option<String>,
+    /// Method.
+    pub method: String,
+    /// PostgreSQL's error for the line, if it could not use it.
+    pub error: Option<String>,
+}
+
+/// One role.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Role {
+    /// Name.
+    pub name: String,
+    /// `rolsuper`.
+    pub superuser: bool,
+    /// `rolcanlogin`.
+    pub login: bool,
+    /// `rolreplication`.
+    pub replication: bool,
+    /// `rolbypassrls`.
+    pub bypass_rls: bool,
+    /// `rolcreaterole`.
+    pub create_role: bool,
+    /// The kind of stored password verifier: `scram-sha-256`, `md5`, `plain`, or none.
+    pub password: Option<String>,
+}
+
+/// A file's owner and mode.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FileFacts {
+    /// What it is: `data_directory`, `private_key`, `config`, `ca_key`, `log_directory`.
+    pub kind: String,
+    /// Path.
+    pub path: String,
+    /// Owner's user name.
+    pub owner: String,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+/// etcd.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EtcdFacts {
+    /// Member count.
+    pub members: u32,
+    /// Healthy members.
+    pub healthy: u32,
+    /// Authentication (`auth enable`) is on.
+    pub auth_enabled: Option<bool>,
+    /// Every client endpoint is `https://`.
+    pub tls: bool,
+}
+
+/// The backup repository.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackupFacts {
+    /// The stanza exists.
+    pub stanza: bool,
+    /// `repo1-cipher-type`.
+    pub cipher: String,
+    /// Seconds since the newest backup ended (none: no backup).
+    pub newest_backup_age_seconds: Option<i64>,
+    /// `tls-server-auth` entries of the repository server (`cn=stanza`).
+    pub tls_server_auth: Vec<String>,
+}
