@@ -19,6 +19,46 @@ pub struct Facts {
     pub haproxy_cfg: Option<String>,
     /// The backup repository.
     pub backup: Option<BackupFacts>,
+    /// Every TLS listener, probed by connecting to it.
+    #[serde(default)]
+    pub listeners: Vec<ListenerProbe>,
+    /// Each node's REST API, probed as an anonymous caller would.
+    #[serde(default)]
+    pub rest: Vec<RestProbe>,
+}
+
+/// What a connection to one TLS listener showed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListenerProbe {
+    /// `postgres`, `restapi`, `etcd-client`, `etcd-peer`, `pgbackrest`.
+    pub service: String,
+    /// Its host.
+    pub host: String,
+    /// `address:port`.
+    pub address: String,
+    /// The protocol versions older than TLS 1.2 it completed a handshake with.
+    pub old_tls_accepted: Vec<String>,
+    /// Why its certificate did not verify against the cluster CA and its name (none: it did).
+    pub verify_error: Option<String>,
+    /// Seconds until the presented certificate expires.
+    pub seconds_left: Option<i64>,
+    /// It answered a plaintext request (HTTP services only).
+    pub plaintext_accepted: Option<bool>,
+}
+
+/// What an anonymous caller got from one node's REST API.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestProbe {
+    /// The node.
+    pub node: String,
+    /// Status of `POST /restart` without credentials.
+    pub restart_status: Option<u16>,
+    /// Status and body of `GET /patroni` without credentials.
+    pub patroni_status: Option<u16>,
+    /// Whether that body names members, roles or the scope.
+    pub patroni_describes_cluster: Option<bool>,
+    /// A client certificate of another CA completed the handshake.
+    pub foreign_cert_accepted: Option<bool>,
 }
 
 /// One database node.
@@ -44,6 +84,13 @@ pub struct NodeFacts {
     pub insecure: Option<Vec<String>>,
     /// The certificates the node uses: role → seconds until expiry.
     pub cert_seconds_left: BTreeMap<String, i64>,
+    /// The installed server package's version (`15.10`), to compare with the running one.
+    pub installed_version: Option<String>,
+    /// The data directory sits on dm-crypt (LUKS) storage.
+    pub data_encrypted: Option<bool>,
+    /// `ALTER ROLE/DATABASE ... SET synchronous_commit` overrides, as `role@database=value`.
+    #[serde(default)]
+    pub synchronous_commit_overrides: Vec<String>,
 }
 
 /// One row of `pg_hba_file_rules`.
@@ -110,6 +157,9 @@ pub struct EtcdFacts {
     pub auth_enabled: Option<bool>,
     /// Every client endpoint is `https://`.
     pub tls: bool,
+    /// The members' command-line flags (`--name=value`), as one list per member.
+    #[serde(default)]
+    pub flags: Vec<Vec<String>>,
 }
 
 /// The backup repository.

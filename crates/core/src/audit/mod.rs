@@ -9,12 +9,15 @@
 mod env;
 pub mod facts;
 mod node;
+mod probes;
 #[cfg(test)]
 mod tests;
 
 use serde::Serialize;
 
-pub use facts::{BackupFacts, EtcdFacts, Facts, FileFacts, HbaRule, NodeFacts, Role};
+pub use facts::{
+    BackupFacts, EtcdFacts, Facts, FileFacts, HbaRule, ListenerProbe, NodeFacts, RestProbe, Role,
+};
 
 /// How much a failed check matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -127,6 +130,7 @@ struct Check {
 fn all_checks() -> Vec<Check> {
     let mut v = node::checks();
     v.extend(env::checks());
+    v.extend(probes::checks());
     v
 }
 
@@ -194,7 +198,8 @@ pub fn score(findings: &[Finding]) -> u32 {
     if total == 0 {
         return 100;
     }
-    100 - lost * 100 / total
+    // Any loss costs at least a point: 100 means nothing failed or warned.
+    100 - (lost * 100).div_ceil(total)
 }
 
 /// Whether a finding should fail the run at `threshold` (`--fail-on`).

@@ -369,6 +369,61 @@ fn port(n: &NodeFacts) -> Verdict {
     }
 }
 
+fn log_timezone(n: &NodeFacts) -> Verdict {
+    match setting(n, "log_timezone") {
+        Ok(v @ ("UTC" | "Etc/UTC" | "GMT" | "Etc/GMT")) => pass(format!("log_timezone = {v}")),
+        Ok(v) => warn(format!(
+            "log_timezone = {v}: log times of hosts in other zones do not line up"
+        )),
+        Err(v) => v,
+    }
+}
+
+fn reserved_connections(n: &NodeFacts) -> Verdict {
+    match setting(n, "superuser_reserved_connections").map(str::parse::<u32>) {
+        Ok(Ok(r)) if r >= 3 => pass(format!("superuser_reserved_connections = {r}")),
+        Ok(Ok(r)) => fail(format!(
+            "superuser_reserved_connections = {r}: with every slot taken the agent cannot connect"
+        )),
+        Ok(Err(_)) => fail("superuser_reserved_connections is not a number"),
+        Err(v) => v,
+    }
+}
+
+fn encrypted_storage(n: &NodeFacts) -> Verdict {
+    match n.data_encrypted {
+        Some(true) => pass("the data directory is on dm-crypt storage"),
+        Some(false) => warn(
+            "the data directory is not on encrypted storage: a stolen disk or snapshot is readable \
+             (PostgreSQL 15 has no TDE; encrypt the volume with LUKS)",
+        ),
+        None => manual("the storage under the data directory was not examined"),
+    }
+}
+
+/// `15.10 (Debian 15.10-0+deb12u1)` (the server) or `15.10-0+deb12u1` (the package, with an
+/// optional epoch) → `15.10`.
+fn major_minor(v: &str) -> &str {
+    let v = v.split_whitespace().next().unwrap_or(v);
+    let v = v.split_once(':').map_or(v, |(_, rest)| rest);
+    v.split('-').next().unwrap_or(v)
+}
+
+fn running_installed_version(n: &NodeFacts) -> Verdict {
+    let running = match setting(n, "server_version") {
+        Ok(v) => major_minor(v),
+        Err(v) => return v,
+    };
+    match n.installed_version.as_deref() {
+        None => manual("the installed package's version was not read"),
+        Some(i) if major_minor(i) == running => pass(format!("running {running}, as installed")),
+        Some(i) => fail(format!(
+            "running {running}, installed {}: restart (a switchover at a time) to load the update",
+            major_minor(i)
+        )),
+    }
+}
+
 /// The checks of this module and of [`access`].
 pub(super) fn checks() -> Vec<Check> {
     use Group::*;
@@ -664,6 +719,44 @@ pub(super) fn checks() -> Vec<Check> {
             post_auth_delay,
         ),
     ];
+    v.extend([
+        c(
+            "PG-LOG-13",
+            Logging,
+            "Logs in UTC",
+            Low,
+            "log_timezone = 'UTC'",
+            &["CIS 3.1.26"],
+            log_timezone,
+        ),
+        c(
+            "PG-PAR-14",
+            Parameters,
+            "Connections reserved for the superuser",
+            Low,
+            "superuser_reserved_connections = 3 or more (the agent connects as the superuser)",
+            &["PostgreSQL docs: connections"],
+            reserved_connections,
+        ),
+        c(
+            "SYS-01",
+            Files,
+            "Data on encrypted storage",
+            Medium,
+            "put the data directory (and the repository) on a LUKS volume",
+            &["CIS 1.4.5", "guide: TDE note"],
+            encrypted_storage,
+        ),
+        c(
+            "SYS-02",
+            Parameters,
+            "The running server is the installed version",
+            Medium,
+            "restart each node (replicas first, then a switchover) after a minor update",
+            &["CIS 1.5", "guide: patch management"],
+            running_installed_version,
+        ),
+    ]);
     v.extend(access::checks());
     v
 }

@@ -89,6 +89,9 @@ fn secure_node() -> NodeFacts {
         ("jit_debugging_support", "off"),
         ("jit_profiling_support", "off"),
         ("post_auth_delay", "0"),
+        ("log_timezone", "Etc/UTC"),
+        ("superuser_reserved_connections", "3"),
+        ("server_version", "15.10 (Debian 15.10-0+deb12u1)"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -141,6 +144,21 @@ fn secure_node() -> NodeFacts {
         ],
         insecure: Some(Vec::new()),
         cert_seconds_left: [("postgres".to_owned(), 300 * 86_400)].into(),
+        installed_version: Some("15.10-0+deb12u1".into()),
+        data_encrypted: Some(true),
+        synchronous_commit_overrides: vec!["batch@app=local".into()],
+    }
+}
+
+fn listener(service: &str, address: &str) -> ListenerProbe {
+    ListenerProbe {
+        service: service.into(),
+        host: "node1".into(),
+        address: address.into(),
+        old_tls_accepted: Vec::new(),
+        verify_error: None,
+        seconds_left: Some(300 * 86_400),
+        plaintext_accepted: (service != "postgres").then_some(false),
     }
 }
 
@@ -166,6 +184,14 @@ fn secure() -> Facts {
             healthy: 3,
             auth_enabled: Some(true),
             tls: true,
+            flags: vec![
+                vec![
+                    "--pre-vote=true".into(),
+                    "--auto-compaction-retention=1h".into(),
+                    "--quota-backend-bytes=2147483648".into(),
+                ];
+                3
+            ],
         }),
         haproxy_cfg: Some(HAPROXY.into()),
         backup: Some(BackupFacts {
@@ -174,6 +200,17 @@ fn secure() -> Facts {
             newest_backup_age_seconds: Some(3_600),
             tls_server_auth: vec!["pgbackrest-client-node1=demo".into()],
         }),
+        listeners: vec![
+            listener("postgres", "10.0.0.11:25432"),
+            listener("restapi", "10.0.0.11:28008"),
+        ],
+        rest: vec![RestProbe {
+            node: "node1".into(),
+            restart_status: Some(401),
+            patroni_status: Some(200),
+            patroni_describes_cluster: Some(false),
+            foreign_cert_accepted: Some(false),
+        }],
     }
 }
 
@@ -347,6 +384,40 @@ fn breakers() -> Vec<(&'static str, Breaker)> {
         }),
         ("BK-04", |f| {
             f.backup.as_mut().unwrap().tls_server_auth = vec!["*=demo".into()]
+        }),
+        ("PG-LOG-13", |f| set(f, "log_timezone", "Europe/Paris")),
+        ("PG-PAR-14", |f| {
+            set(f, "superuser_reserved_connections", "0")
+        }),
+        ("SYS-01", |f| f.nodes[0].data_encrypted = Some(false)),
+        ("SYS-02", |f| {
+            f.nodes[0].installed_version = Some("15.12-0+deb12u2".into())
+        }),
+        ("NET-01", |f| {
+            f.listeners[0].old_tls_accepted = vec!["TLSv1".into()]
+        }),
+        ("NET-02", |f| {
+            f.listeners[1].verify_error = Some("certificate signed by an unknown CA".into());
+        }),
+        ("NET-03", |f| f.listeners[0].seconds_left = Some(-1)),
+        ("NET-04", |f| f.listeners[1].plaintext_accepted = Some(true)),
+        ("REST-01", |f| f.rest[0].restart_status = Some(200)),
+        ("REST-02", |f| {
+            f.rest[0].patroni_describes_cluster = Some(true)
+        }),
+        ("REST-03", |f| f.rest[0].foreign_cert_accepted = Some(true)),
+        ("ETCD-05", |f| {
+            f.etcd.as_mut().unwrap().flags[1].retain(|x| !x.starts_with("--pre-vote"));
+        }),
+        ("ETCD-06", |f| {
+            f.etcd.as_mut().unwrap().flags[0][1] = "--auto-compaction-retention=0".into();
+        }),
+        ("ETCD-07", |f| f.etcd.as_mut().unwrap().flags[2].truncate(2)),
+        ("PG-SYNC-01", |f| {
+            f.dcs_config.as_mut().unwrap()["synchronous_mode"] = true.into();
+            f.nodes[0]
+                .synchronous_commit_overrides
+                .push("app@all=off".into());
         }),
     ]
 }

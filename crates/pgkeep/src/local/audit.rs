@@ -35,7 +35,13 @@ const NODE_QUERY: &str = r"SELECT json_build_object(
   'extensions', (SELECT coalesce(json_object_agg(extname, extversion), '{}') FROM pg_extension),
   'public_create_schemas', (SELECT coalesce(json_agg(n.nspname), '[]')
       FROM pg_namespace n, aclexplode(n.nspacl) a
-      WHERE a.grantee = 0 AND a.privilege_type = 'CREATE'))::text";
+      WHERE a.grantee = 0 AND a.privilege_type = 'CREATE'),
+  'synchronous_commit_overrides', (SELECT coalesce(json_agg(
+      coalesce(r.rolname, 'all') || '@' || coalesce(d.datname, 'all') || '=' ||
+      split_part(c, '=', 2)), '[]')
+      FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole
+      LEFT JOIN pg_database d ON d.oid = s.setdatabase, unnest(s.setconfig) c
+      WHERE c LIKE 'synchronous_commit=%'))::text";
 
 #[derive(serde::Deserialize)]
 struct NodeSql {
@@ -44,6 +50,7 @@ struct NodeSql {
     roles: Vec<pgkeep_core::audit::Role>,
     extensions: std::collections::BTreeMap<String, String>,
     public_create_schemas: Vec<String>,
+    synchronous_commit_overrides: Vec<String>,
 }
 
 /// Collects the facts of the environment in `dir`; `haproxy_cfg` overrides the environment's
@@ -72,6 +79,8 @@ pub fn collect(dir: &Path, haproxy_cfg: Option<&Path>) -> Result<Facts> {
         etcd,
         haproxy_cfg: std::fs::read_to_string(haproxy_path).ok(),
         backup: backup_facts(&layout, &inv),
+        listeners: Vec::new(),
+        rest: Vec::new(),
     })
 }
 
@@ -92,12 +101,15 @@ fn node(layout: &Layout, h: &DbHost, pg: &ServiceUser, rt: &tokio::runtime::Runt
             n.roles = sql.roles;
             n.extensions = sql.extensions;
             n.public_create_schemas = sql.public_create_schemas;
+            n.synchronous_commit_overrides = sql.synchronous_commit_overrides;
         }
         Err(e) => {
             tracing::warn!(node = %h.name, error = format!("{e:#}"), "PostgreSQL facts not collected")
         }
     }
     n.files = node_files(layout, h, &n);
+    n.installed_version = installed_postgres();
+    n.data_encrypted = on_dm_crypt(&layout.data_dir(&h.name));
     match crate::config::Config::load(&layout.node_config(&h.name)) {
         Ok(c) => {
             n.insecure = Some(
@@ -216,6 +228,23 @@ async fn etcd_facts(
         healthy,
         auth_enabled,
         tls: settings.endpoints.iter().all(|e| e.starts_with("https://")),
+        flags: inv
+            .etcd_hosts
+            .iter()
+            .filter_map(|m| {
+                let pid = super::spawn::running(
+                    &layout.etcd_pid(&m.name),
+                    &etcd::identity(layout, &m.name),
+                )?;
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                Some(
+                    cmd.split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .filter(|a| a.starts_with("--"))
+                        .collect(),
+                )
+            })
+            .collect(),
     };
     (config, Some(facts))
 }
@@ -238,5 +267,40 @@ fn backup_facts(layout: &Layout, inv: &Inventory) -> Option<BackupFacts> {
             .filter_map(|l| l.trim().strip_prefix("tls-server-auth="))
             .map(str::to_owned)
             .collect(),
+    })
+}
+
+/// The installed server package's version (Debian's `postgresql-15`).
+fn installed_postgres() -> Option<String> {
+    let out = std::process::Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", "postgresql-15"])
+        .output()
+        .ok()?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !v.is_empty()).then_some(v)
+}
+
+/// Whether `dir` lies on a dm-crypt device: its mount's source and every device under it as
+/// `lsblk` lists them (`crypt` type).
+fn on_dm_crypt(dir: &Path) -> Option<bool> {
+    let src = std::process::Command::new("findmnt")
+        .args(["-n", "-o", "SOURCE", "-T"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    let source = String::from_utf8_lossy(&src.stdout).trim().to_owned();
+    if !source.starts_with("/dev/") {
+        // overlay, tmpfs, a network file system: no block device to judge.
+        return Some(false);
+    }
+    let out = std::process::Command::new("lsblk")
+        .args(["-s", "-n", "-o", "TYPE"])
+        .arg(&source)
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == "crypt")
     })
 }
