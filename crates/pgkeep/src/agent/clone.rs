@@ -47,13 +47,11 @@ impl Shell {
         self.spawn_busy(LongOperation::Clone, async move {
             if let Some(p) = &repository {
                 tracing::info!(stanza = %p.stanza, wipe, "creating the replica from the pgBackRest repository (delta restore)");
-                crate::fsutil::write_atomic(&restore_marker, b"", 0o600)
-                    .with_context(|| format!("writing {}", restore_marker.display()))?;
                 let fit = match &source {
                     Some(_) => Fit::Cluster(view.as_ref()),
                     None => Fit::Archive,
                 };
-                match restore_replica(&instance, p, view.as_ref(), fit).await {
+                match restore_replica(&instance, p, view.as_ref(), fit, &restore_marker).await {
                     Ok(()) => {
                         tracing::info!("replica restored from the pgBackRest repository; it catches up from the archive, then streams");
                         let _ = std::fs::remove_file(&initdb_marker);
@@ -208,6 +206,7 @@ async fn restore_replica(
     p: &crate::config::PgBackRest,
     view: Option<&pgkeep_core::cluster::ClusterView>,
     fit: Fit<'_>,
+    marker: &std::path::Path,
 ) -> Result<()> {
     let base = [
         format!("--config-path={}", p.config_path.display()),
@@ -221,6 +220,13 @@ async fn restore_replica(
         .await
         .context("pgbackrest info")?;
     let stanza = crate::pgbackrest::info::parse(&info.stdout, &p.stanza)?;
+    if matches!(fit, Fit::Archive) && stanza.system_id.is_none() {
+        return Err(NoUsableBackup(format!(
+            "the stanza {} does not say which cluster it holds",
+            p.stanza
+        ))
+        .into());
+    }
     if let (Some(repo), Some(pgkeep_core::cluster::Initialize::SystemId(ours))) = (
         stanza.system_id.as_deref(),
         view.and_then(|v| v.initialize.as_ref()),
@@ -249,8 +255,23 @@ async fn restore_replica(
             }
             (Some(_), Fit::Cluster(None), _) => Err("the cluster's state is not known yet".into()),
             (Some((tl, lsn)), Fit::Archive, Some(a)) => {
-                let (latest, history) = a.followed_from(instance, &base, tl).await?;
-                pgkeep_core::ha::backup_fits_timeline(tl, lsn, latest, &history)
+                match a.followed_from(instance, &base, tl).await {
+                    // The DCS knows a newer timeline than the archive reaches: its history
+                    // file was never archived, and a node restored from here would start a
+                    // timeline whose number the lost one already used.
+                    Ok((latest, _))
+                        if view.and_then(known_timeline).is_some_and(|k| latest < k) =>
+                    {
+                        Err(format!(
+                            "the archive reaches timeline {latest} from it, the cluster was on {}",
+                            view.and_then(known_timeline).unwrap_or(latest)
+                        ))
+                    }
+                    Ok((latest, history)) => {
+                        pgkeep_core::ha::backup_fits_timeline(tl, lsn, latest, &history)
+                    }
+                    Err(e) => Err(format!("{e:#}")),
+                }
             }
             (Some(_), Fit::Archive, None) => Err("the archive was not listed".into()),
         };
@@ -289,6 +310,10 @@ async fn restore_replica(
         empty_dir(d)?;
     }
     args.push("restore".into());
+    // From here the directory is this restore's: an interruption leaves pgBackRest's manifest
+    // and this marker, and the next attempt may restore over them.
+    crate::fsutil::write_atomic(marker, b"", 0o600)
+        .with_context(|| format!("writing {}", marker.display()))?;
     instance
         .runner
         .run(PGBACKREST, &args, &[], RESTORE_TIMEOUT)
@@ -363,14 +388,44 @@ impl ArchiveTimelines {
     }
 }
 
-/// Removes everything in `dir` (created 0700 if missing).
+/// Removes everything inside `dir`, keeping the directory itself (it may be a mount point, or
+/// its parent not writable); creates it 0700 when missing.
 fn empty_dir(dir: &std::path::Path) -> Result<()> {
-    remove_dir_if_exists(dir)?;
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                let p = e
+                    .with_context(|| format!("reading {}", dir.display()))?
+                    .path();
+                let r = if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                r.with_context(|| format!("removing {}", p.display()))?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display())),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
+}
+
+/// The newest timeline the DCS knows of: the members' and the one the history key implies.
+fn known_timeline(v: &pgkeep_core::cluster::ClusterView) -> Option<u32> {
+    let history = v
+        .history
+        .as_ref()
+        .map(|h| h.last().map_or(1, |e| e.parent_timeline + 1));
+    v.members
+        .values()
+        .filter_map(|m| m.data.timeline)
+        .max()
+        .max(history)
 }
 
 /// Debian's pgBackRest.

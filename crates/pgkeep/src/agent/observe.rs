@@ -324,7 +324,9 @@ impl Shell {
                 .pgbackrest
                 .as_ref()
                 .is_some_and(|p| p.replica_without_leader),
-            restore_interrupted: self.marker(RESTORE_MARKER),
+            // Only a directory pgBackRest was restoring into (its manifest is written first).
+            restore_interrupted: self.marker(RESTORE_MARKER)
+                && self.layout.data_dir.join("backup.manifest").exists(),
             requests: self.requests.clone(),
             memory: self.memory.clone(),
         }

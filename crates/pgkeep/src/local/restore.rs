@@ -233,39 +233,63 @@ pub fn restore(opts: &RestoreOptions) -> Result<()> {
         backup::wait_backup_done(&layout, &inv, Duration::from_secs(1800))?;
         stop_agents(&layout, &inv, leader.as_deref(), Duration::from_secs(60))?;
         // The last primary is the node whose WAL the archive must hold (a replica's leftover
-        // status files are not the cluster's).
-        let last = leader.as_deref().unwrap_or(&node.name);
-        let lh = inv
-            .database_hosts
-            .iter()
-            .find(|h| h.name == last)
-            .context("the last primary is not in the inventory")?;
+        // status files are not the cluster's). With a leader that is it; without one, every
+        // node whose control file says it was not a standby.
         let latest = opts.target == RecoveryTarget::Latest;
-        let waiting = unarchived_wal(&layout.data_dir(&lh.name)).with_context(|| {
-            format!("cannot tell whether {last} has WAL waiting for the archive")
-        })?;
-        if let Some(newest) = waiting.last() {
-            let list = format!("{last}: {} segments, newest {newest}", waiting.len());
-            if latest {
-                bail!(
-                    "WAL not yet in the archive ({list}): a restore to the latest point would lose \
-                     the transactions in it. Nothing was changed; `pgkeep up --dir {}` starts the \
-                     cluster again; fix archiving (pgkeep backup check), then restore",
-                    layout.dir.display()
-                );
+        let mut primaries = Vec::new();
+        for h in &inv.database_hosts {
+            if !layout.data_dir(&h.name).join("PG_VERSION").exists() {
+                continue;
             }
-            println!("      WARNING: WAL not yet in the archive ({list}); a target in it cannot be reached");
+            if let Some(l) = &leader {
+                if &h.name == l {
+                    primaries.push((h, cluster_state(&layout, h, &pg)));
+                }
+                continue;
+            }
+            let state = cluster_state(&layout, h, &pg);
+            if !state.as_ref().is_ok_and(|s| s.contains("recovery")) {
+                primaries.push((h, state));
+            }
         }
-        // A primary that crashed never switched to a new segment at shutdown: its last, partial
-        // one is in no archive.
-        match cluster_state(&layout, lh, &pg) {
-            Ok(state) if state == "shut down" || state == "shut down in recovery" => {}
-            Ok(state) if latest => println!(
-                "      WARNING: {last} did not shut down cleanly ({state}): the transactions in its \
-                 last, partial WAL segment are not in the archive and will not be restored"
-            ),
-            Ok(_) => {}
-            Err(e) => println!("      WARNING: the state of {last}'s data directory is unknown: {e:#}"),
+        for (h, state) in primaries {
+            let waiting = unarchived_wal(&layout.data_dir(&h.name)).with_context(|| {
+                format!("cannot tell whether {} has WAL waiting for the archive", h.name)
+            })?;
+            if let Some(newest) = waiting.last() {
+                let list = format!("{}: {} segments, newest {newest}", h.name, waiting.len());
+                if latest {
+                    bail!(
+                        "WAL not yet in the archive ({list}): a restore to the latest point would \
+                         lose the transactions in it. Nothing was changed; `pgkeep up --dir {}` \
+                         starts the cluster again; fix archiving (pgkeep backup check), then \
+                         restore",
+                        layout.dir.display()
+                    );
+                }
+                println!("      WARNING: WAL not yet in the archive ({list}); a target in it cannot be reached");
+            }
+            // A primary that crashed never switched to a new segment at shutdown: its last,
+            // partial one is in no archive (but still in its pg_wal, which the restore empties).
+            match state {
+                Ok(s) if s == "shut down" => {}
+                Ok(s) if latest => bail!(
+                    "{} did not shut down cleanly ({s}): the transactions in its last, partial WAL \
+                     segment are in no archive, and the restore would delete its pg_wal. Nothing \
+                     was changed; start it once (`pgkeep up --dir {}`) so that it shuts down \
+                     cleanly and archives, or copy its pg_wal aside and restore to a time or LSN",
+                    h.name,
+                    layout.dir.display()
+                ),
+                Ok(_) => {}
+                Err(e) if latest => {
+                    return Err(e.context(format!(
+                        "cannot tell whether {} shut down cleanly; nothing was changed",
+                        h.name
+                    )));
+                }
+                Err(e) => println!("      WARNING: the state of {}'s data directory is unknown: {e:#}", h.name),
+            }
         }
         Ok(())
     })?;
