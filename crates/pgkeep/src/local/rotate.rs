@@ -84,6 +84,19 @@ pub fn rotate(opts: &RotateOptions) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     println!("pgkeep pki rotate: {}", layout.dir.display());
+    let rollover = super::rotate_ca::phase(&layout)?;
+    match rollover {
+        Some(super::rotate_ca::Phase::Bundle) => bail!(
+            "a CA rollover started but not every component trusts the new CA yet: finish that \
+             first with `pgkeep pki rotate --ca --dir {}`",
+            layout.dir.display()
+        ),
+        Some(super::rotate_ca::Phase::Finishing) => bail!(
+            "a CA rollover is being finished: resume it with `pgkeep pki rotate --ca --finish --dir {}`",
+            layout.dir.display()
+        ),
+        _ => {}
+    }
     let mut steps = super::up::Steps::new(5);
 
     let rotated = steps.run("new certificates and keys", || {
@@ -188,6 +201,14 @@ pub fn rotate(opts: &RotateOptions) -> Result<()> {
         }
         Ok(())
     })?;
+    if rollover == Some(super::rotate_ca::Phase::Trusted) && opts.services.is_empty() {
+        super::rotate_ca::set_phase(&layout, Some(super::rotate_ca::Phase::Reissued))?;
+        println!(
+            "CA rollover: every certificate is the new CA's; end it with `pgkeep pki rotate --ca \
+             --finish --dir {}`",
+            layout.dir.display()
+        );
+    }
     println!();
     println!("Rotated {} certificates:", rotated.len());
     for r in &rotated {

@@ -539,7 +539,7 @@ fn agent_spec(layout: &Layout, h: &DbHost, pg: &ServiceUser, exe: &Path) -> Spec
 
 /// The pgkeep binary the agents run: this one when `postgres` can execute it, else a copy in
 /// `D/bin` (a checkout under `/root` is not reachable by other users).
-fn agent_binary(layout: &Layout, pg: &ServiceUser) -> Result<PathBuf> {
+pub(super) fn agent_binary(layout: &Layout, pg: &ServiceUser) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the pgkeep binary")?;
     if spawn::probe_as(
         pg,

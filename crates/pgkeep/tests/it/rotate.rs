@@ -606,15 +606,33 @@ fn a_ca_rollover_keeps_the_cluster_serving_and_then_refuses_the_old_ca() -> Resu
 
     let writer = Writer::start(&dir, &inv)?;
     std::thread::sleep(Duration::from_secs(2));
-    let out = ok(&["pki", "rotate", "--ca", "--dir", sc.d()])?;
-    ensure!(out.contains("Rotated 35 certificates"), "{out}");
-    // Both CAs trusted, the new one first; every listener presents a certificate of the new
-    // CA (verified by openssl against the bundle).
+    let old_issuer = pgkeep::pki::inspect(&dir.join("pki/ca.crt"))?.subject;
+    ok(&["pki", "rotate", "--ca", "--dir", sc.d()])?;
+    // Both CAs trusted, the new one first; the certificates are still the old CA's.
     let bundle = std::fs::read_to_string(dir.join("pki/ca.crt"))?;
     ensure!(
         bundle.matches("BEGIN CERTIFICATE").count() == 2 && bundle.ends_with(&old_ca),
         "{bundle}"
     );
+    for (label, _, _, _, file) in &listeners.list {
+        let issuer = pgkeep::pki::inspect(file)?.issuer;
+        ensure!(
+            issuer == old_issuer,
+            "{label}: issued by {issuer} before the re-issue"
+        );
+    }
+    // Finishing before the certificates were issued again is refused.
+    let early = crate::local::pgkeep(&["pki", "rotate", "--ca", "--finish", "--dir", sc.d()]);
+    ensure!(
+        !early.status.success()
+            && String::from_utf8_lossy(&early.stderr).contains("still the old CA's"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    let out = ok(&["pki", "rotate", "--dir", sc.d()])?;
+    ensure!(out.contains("Rotated 35 certificates"), "{out}");
+    // Every listener presents a certificate of the new CA (verified by openssl against the
+    // bundle).
     let new_ca = pgkeep::pki::inspect(&dir.join("pki/ca.crt"))?;
     for (label, got, file) in listeners.check(&dir)? {
         ensure!(got == file, "{label} presents {got}, its file holds {file}");
@@ -699,22 +717,22 @@ fn a_ca_rollover_keeps_the_cluster_serving_and_then_refuses_the_old_ca() -> Resu
         String::from_utf8_lossy(&pctl.stderr)
     );
 
-    // The backup scheduler (one etcd connection for its life) takes the new files at its next
-    // check.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // The backup scheduler (one etcd connection for its life) was started again with the new
+    // files, and its first check reads etcd.
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(&sched_log)?;
-        let since = text.get(sched_mark..).unwrap_or_default();
-        ensure!(
-            !since.contains("NOT reloaded") && !since.contains("check failed"),
-            "{since}"
-        );
-        if since.contains("trusted CAs reloaded") {
+        let since = text.get(sched_mark..).unwrap_or_default().to_owned();
+        if since.contains("backup scheduler started") {
+            std::thread::sleep(Duration::from_secs(3));
+            let text = std::fs::read_to_string(&sched_log)?;
+            let since = text.get(sched_mark..).unwrap_or_default();
+            ensure!(!since.contains("check failed"), "{since}");
             break;
         }
         ensure!(
             Instant::now() < deadline,
-            "the scheduler did not reload: {since}"
+            "the scheduler was not started again: {since}"
         );
         std::thread::sleep(Duration::from_secs(1));
     }
