@@ -75,10 +75,46 @@ pub fn readable_by_others(meta: &fs::Metadata) -> bool {
     meta.permissions().mode() & 0o077 != 0
 }
 
+/// Removes everything inside `dir`, keeping the directory itself (it may be a mount point, or
+/// its parent not writable). A missing directory is empty.
+pub fn empty_dir(dir: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let p = e?.path();
+        if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(&p)?;
+        } else {
+            fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn emptying_keeps_the_directory_and_does_not_follow_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), "x").unwrap();
+        let d = dir.path().join("data");
+        fs::create_dir_all(d.join("base/1")).unwrap();
+        fs::write(d.join("PG_VERSION"), "15").unwrap();
+        std::os::unix::fs::symlink(&outside, d.join("link")).unwrap();
+        empty_dir(&d).unwrap();
+        assert!(d.is_dir());
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+        assert!(outside.join("keep").exists());
+        empty_dir(&dir.path().join("missing")).unwrap();
+    }
 
     #[test]
     fn writes_with_the_mode_and_replaces_a_planted_symlink_instead_of_following_it() {

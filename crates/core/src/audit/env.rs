@@ -3,9 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{
-    Check, Facts, Group, Run, Severity, Verdict, fail, manual, not_applicable, pass, warn,
-};
+use super::{Check, Facts, Group, Severity, Verdict, fail, manual, not_applicable, pass, warn};
 use crate::policy::{self, Admission, GucName, LocalOnlyReason};
 
 fn dcs_config(f: &Facts) -> Result<&serde_json::Value, Verdict> {
@@ -296,15 +294,7 @@ fn backup_tls_auth(f: &Facts) -> Verdict {
 pub(super) fn checks() -> Vec<Check> {
     use Group::*;
     use Severity::*;
-    let c = |id, group, title, severity, remedy, references, f: fn(&Facts) -> Verdict| Check {
-        id,
-        group,
-        title,
-        severity,
-        remedy,
-        references,
-        run: Run::Env(f),
-    };
+    let c = super::env_check;
     vec![
         c(
             "DCS-01",

@@ -127,6 +127,48 @@ struct Check {
     run: Run,
 }
 
+/// A check run once per database node.
+fn node_check(
+    id: &'static str,
+    group: Group,
+    title: &'static str,
+    severity: Severity,
+    remedy: &'static str,
+    references: &'static [&'static str],
+    f: fn(&NodeFacts) -> Verdict,
+) -> Check {
+    Check {
+        id,
+        group,
+        title,
+        severity,
+        remedy,
+        references,
+        run: Run::Node(f),
+    }
+}
+
+/// A check run once per environment.
+fn env_check(
+    id: &'static str,
+    group: Group,
+    title: &'static str,
+    severity: Severity,
+    remedy: &'static str,
+    references: &'static [&'static str],
+    f: fn(&Facts) -> Verdict,
+) -> Check {
+    Check {
+        id,
+        group,
+        title,
+        severity,
+        remedy,
+        references,
+        run: Run::Env(f),
+    }
+}
+
 fn all_checks() -> Vec<Check> {
     let mut v = node::checks();
     v.extend(env::checks());

@@ -1,8 +1,6 @@
 //! Checks of one node's server parameters: TLS, logging and auditing, data safety.
 
-use super::{
-    Check, Group, NodeFacts, Run, Severity, Verdict, fail, manual, not_applicable, pass, warn,
-};
+use super::{Check, Group, NodeFacts, Severity, Verdict, fail, manual, not_applicable, pass, warn};
 
 mod access;
 
@@ -428,7 +426,7 @@ fn running_installed_version(n: &NodeFacts) -> Verdict {
 pub(super) fn checks() -> Vec<Check> {
     use Group::*;
     use Severity::*;
-    let c = check;
+    let c = super::node_check;
     let mut v = vec![
         c(
             "PG-TLS-01",
@@ -759,25 +757,4 @@ pub(super) fn checks() -> Vec<Check> {
     ]);
     v.extend(access::checks());
     v
-}
-
-/// A node check.
-pub(super) fn check(
-    id: &'static str,
-    group: Group,
-    title: &'static str,
-    severity: Severity,
-    remedy: &'static str,
-    references: &'static [&'static str],
-    f: fn(&NodeFacts) -> Verdict,
-) -> Check {
-    Check {
-        id,
-        group,
-        title,
-        severity,
-        remedy,
-        references,
-        run: Run::Node(f),
-    }
 }

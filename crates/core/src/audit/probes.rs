@@ -1,7 +1,7 @@
 //! Checks of what connecting showed: every TLS listener, each REST API as an anonymous caller
 //! sees it, etcd's flags, and synchronous commit overrides under synchronous mode.
 
-use super::{Check, Facts, Group, ListenerProbe, Run, Severity, Verdict, fail, manual, pass, warn};
+use super::{Check, Facts, Group, ListenerProbe, Severity, Verdict, fail, manual, pass, warn};
 
 fn listeners(f: &Facts) -> Result<&[ListenerProbe], Verdict> {
     if f.listeners.is_empty() {
@@ -243,15 +243,7 @@ fn synchronous_commit(f: &Facts) -> Verdict {
 pub(super) fn checks() -> Vec<Check> {
     use Group::*;
     use Severity::*;
-    let c = |id, group, title, severity, remedy, references, f: fn(&Facts) -> Verdict| Check {
-        id,
-        group,
-        title,
-        severity,
-        remedy,
-        references,
-        run: Run::Env(f),
-    };
+    let c = super::env_check;
     vec![
         c(
             "NET-01",

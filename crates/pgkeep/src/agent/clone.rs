@@ -388,31 +388,17 @@ impl ArchiveTimelines {
     }
 }
 
-/// Removes everything inside `dir`, keeping the directory itself (it may be a mount point, or
-/// its parent not writable); creates it 0700 when missing.
+/// Removes everything inside `dir`, keeping the directory itself; creates it 0700 when
+/// missing.
 fn empty_dir(dir: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            for e in entries {
-                let p = e
-                    .with_context(|| format!("reading {}", dir.display()))?
-                    .path();
-                let r = if p.is_dir() && !p.is_symlink() {
-                    std::fs::remove_dir_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                };
-                r.with_context(|| format!("removing {}", p.display()))?;
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
             .mode(0o700)
             .create(dir)
-            .with_context(|| format!("creating {}", dir.display())),
-        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
+    crate::fsutil::empty_dir(dir).with_context(|| format!("emptying {}", dir.display()))
 }
 
 /// The newest timeline the DCS knows of: the members' and the one the history key implies.

@@ -553,17 +553,5 @@ fn recovery_log_tail(log: &std::path::Path) -> String {
 
 /// Removes everything inside `dir` (the directory itself, its owner and mode stay).
 fn empty_dir(dir: &std::path::Path) -> Result<()> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for e in rd {
-        let p = e?.path();
-        let r = if p.is_dir() && !p.is_symlink() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        r.with_context(|| format!("removing {}", p.display()))?;
-    }
-    Ok(())
+    crate::fsutil::empty_dir(dir).with_context(|| format!("emptying {}", dir.display()))
 }

@@ -433,19 +433,9 @@ fn reload_agent(
             .find(|r| r.target.service == svc)
             .map(|r| r.new.clone())
     };
-    let id = super::up::agent_identity(layout, &h.name);
-    let Some(pid) = spawn::running(&layout.agent_pid(&h.name), &id) else {
-        println!(
-            "      {}: agent not running; it uses the new files when it starts",
-            h.name
-        );
+    let Some((pid, log, offset)) = sighup_agent(layout, h)? else {
         return Ok(());
     };
-    let log = layout.agent_log(&h.name);
-    let offset = std::fs::metadata(&log).map_or(0, |m| m.len());
-    let raw = i32::try_from(pid).context("pid out of range")?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), Signal::SIGHUP)
-        .with_context(|| format!("SIGHUP to the agent of {} (pid {pid})", h.name))?;
     let fqdn = inv.fqdn(&h.name);
     let mut done = Vec::new();
     if let Some(serial) = new(Service::Postgres) {
@@ -482,6 +472,25 @@ fn reload_agent(
     Ok(())
 }
 
+/// SIGHUP to node `h`'s agent: its pid, its log and where the log ended before the signal
+/// (none: the agent does not run, which is said).
+pub(super) fn sighup_agent(layout: &Layout, h: &DbHost) -> Result<Option<(u32, PathBuf, u64)>> {
+    let id = super::up::agent_identity(layout, &h.name);
+    let Some(pid) = spawn::running(&layout.agent_pid(&h.name), &id) else {
+        println!(
+            "      {}: agent not running; it uses the new files when it starts",
+            h.name
+        );
+        return Ok(None);
+    };
+    let log = layout.agent_log(&h.name);
+    let offset = std::fs::metadata(&log).map_or(0, |m| m.len());
+    let raw = i32::try_from(pid).context("pid out of range")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), Signal::SIGHUP)
+        .with_context(|| format!("SIGHUP to the agent of {} (pid {pid})", h.name))?;
+    Ok(Some((pid, log, offset)))
+}
+
 /// Waits for the agent's log (after `offset`) to say its etcd client reloaded `serial`.
 pub(super) fn wait_etcd_client(
     log: &Path,
@@ -513,7 +522,7 @@ pub(super) fn wait_etcd_client(
 }
 
 /// What `path` holds after `offset` (empty when unreadable).
-fn read_from(path: &Path, offset: u64) -> String {
+pub(super) fn read_from(path: &Path, offset: u64) -> String {
     let mut out = Vec::new();
     if let Ok(mut f) = std::fs::File::open(path)
         && f.seek(SeekFrom::Start(offset)).is_ok()

@@ -23,11 +23,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::Signal;
 
 use super::certs::{self, Target};
 use super::rotate::{
-    RotateOptions, leader, load_balancer_name, restart_etcd, rotate_pgbackrest, wait_etcd_client,
+    RotateOptions, leader, load_balancer_name, read_from, restart_etcd, rotate_pgbackrest,
+    sighup_agent, wait_etcd_client,
 };
 use super::{Layout, ServiceUser, haproxy, spawn};
 use crate::inventory::{DbHost, Inventory};
@@ -464,19 +464,9 @@ fn reload_agent(
     etcd_serial: Option<String>,
     timeout: Duration,
 ) -> Result<()> {
-    let id = super::up::agent_identity(layout, &h.name);
-    let Some(pid) = spawn::running(&layout.agent_pid(&h.name), &id) else {
-        println!(
-            "      {}: agent not running; it reads the file when it starts",
-            h.name
-        );
+    let Some((pid, log, offset)) = sighup_agent(layout, h)? else {
         return Ok(());
     };
-    let log = layout.agent_log(&h.name);
-    let offset = std::fs::metadata(&log).map_or(0, |m| m.len());
-    let raw = i32::try_from(pid).context("pid out of range")?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), Signal::SIGHUP)
-        .with_context(|| format!("SIGHUP to the agent of {} (pid {pid})", h.name))?;
     let t0 = Instant::now();
     while !read_from(&log, offset).contains("configuration reloaded") {
         if t0.elapsed() >= timeout {
@@ -498,17 +488,6 @@ fn reload_agent(
     }
     println!("      {}: agent reloaded (pid {pid})", h.name);
     Ok(())
-}
-
-fn read_from(path: &std::path::Path, offset: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut out = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(path)
-        && f.seek(SeekFrom::Start(offset)).is_ok()
-    {
-        let _ = f.read_to_end(&mut out);
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn ensure_newline(s: &str) -> String {

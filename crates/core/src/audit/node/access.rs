@@ -3,7 +3,6 @@
 //! certificates.
 
 use super::super::{Check, Group, HbaRule, NodeFacts, Severity, Verdict, fail, manual, pass, warn};
-use super::check;
 
 fn lines(rules: &[&HbaRule]) -> String {
     rules
@@ -372,7 +371,7 @@ fn cert_expiry(n: &NodeFacts) -> Verdict {
 pub(super) fn checks() -> Vec<Check> {
     use Group::*;
     use Severity::*;
-    let c = check;
+    let c = super::super::node_check;
     vec![
         c(
             "PG-AUTH-02",
