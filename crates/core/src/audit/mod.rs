@@ -137,15 +137,8 @@ fn node_check(
     references: &'static [&'static str],
     f: fn(&NodeFacts) -> Verdict,
 ) -> Check {
-    Check {
-        id,
-        group,
-        title,
-        severity,
-        remedy,
-        references,
-        run: Run::Node(f),
-    }
+    let base = (id, group, title, severity, remedy, references);
+    check(base, Run::Node(f))
 }
 
 /// A check run once per environment.
@@ -158,6 +151,20 @@ fn env_check(
     references: &'static [&'static str],
     f: fn(&Facts) -> Verdict,
 ) -> Check {
+    let base = (id, group, title, severity, remedy, references);
+    check(base, Run::Env(f))
+}
+
+type Described = (
+    &'static str,
+    Group,
+    &'static str,
+    Severity,
+    &'static str,
+    &'static [&'static str],
+);
+
+fn check((id, group, title, severity, remedy, references): Described, run: Run) -> Check {
     Check {
         id,
         group,
@@ -165,7 +172,7 @@ fn env_check(
         severity,
         remedy,
         references,
-        run: Run::Env(f),
+        run,
     }
 }
 

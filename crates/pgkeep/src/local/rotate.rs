@@ -67,18 +67,7 @@ pub fn rotate(opts: &RotateOptions) -> Result<()> {
     let inv = Inventory::load(&layout.inventory())
         .with_context(|| format!("{} is not a pgkeep environment", layout.dir.display()))?;
     let (pg, etcd_user) = (ServiceUser::postgres()?, ServiceUser::etcd()?);
-    let haproxy_user = if certs::haproxy_client(&layout, &load_balancer_name(&inv))
-        .cert
-        .exists()
-    {
-        Some(ServiceUser::haproxy()?)
-    } else {
-        None
-    };
-    let pgbr_user = match &inv.backup_host {
-        Some(_) => Some(ServiceUser::lookup(super::backup::PGBACKREST_USER)?),
-        None => None,
-    };
+    let (haproxy_user, pgbr_user) = optional_users(&layout, &inv)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -223,7 +212,27 @@ pub fn rotate(opts: &RotateOptions) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn load_balancer_name(inv: &Inventory) -> String {
+/// HAProxy's and pgBackRest's users, for the environments that have them.
+pub(super) fn optional_users(
+    layout: &Layout,
+    inv: &Inventory,
+) -> Result<(Option<ServiceUser>, Option<ServiceUser>)> {
+    let haproxy = if certs::haproxy_client(layout, &load_balancer_name(inv))
+        .cert
+        .exists()
+    {
+        Some(ServiceUser::haproxy()?)
+    } else {
+        None
+    };
+    let pgbackrest = match &inv.backup_host {
+        Some(_) => Some(ServiceUser::lookup(super::backup::PGBACKREST_USER)?),
+        None => None,
+    };
+    Ok((haproxy, pgbackrest))
+}
+
+fn load_balancer_name(inv: &Inventory) -> String {
     inv.load_balancer
         .as_ref()
         .map_or_else(|| "lb".to_owned(), |l| l.name.clone())

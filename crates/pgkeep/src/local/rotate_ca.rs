@@ -26,8 +26,8 @@ use anyhow::{Context, Result, bail};
 
 use super::certs::{self, Target};
 use super::rotate::{
-    RotateOptions, leader, load_balancer_name, read_from, restart_etcd, rotate_pgbackrest,
-    sighup_agent, wait_etcd_client,
+    RotateOptions, leader, read_from, restart_etcd, rotate_pgbackrest, sighup_agent,
+    wait_etcd_client,
 };
 use super::{Layout, ServiceUser, haproxy, spawn};
 use crate::inventory::{DbHost, Inventory};
@@ -64,18 +64,7 @@ impl Env {
                 layout.dir.display()
             );
         }
-        let haproxy = if certs::haproxy_client(&layout, &load_balancer_name(&inv))
-            .cert
-            .exists()
-        {
-            Some(ServiceUser::haproxy()?)
-        } else {
-            None
-        };
-        let pgbackrest = match &inv.backup_host {
-            Some(_) => Some(ServiceUser::lookup(super::backup::PGBACKREST_USER)?),
-            None => None,
-        };
+        let (haproxy, pgbackrest) = super::rotate::optional_users(&layout, &inv)?;
         Ok(Env {
             pg: ServiceUser::postgres()?,
             etcd: ServiceUser::etcd()?,

@@ -3,6 +3,7 @@
 mod agent;
 mod api;
 mod backup;
+mod backup_recovery;
 mod callbacks;
 mod clients;
 mod config;
