@@ -179,15 +179,7 @@ pub fn rotate(opts: &RotateOptions) -> Result<()> {
         let changed = haproxy::write_files(&layout, &inv, user)?;
         haproxy::start_or_reload(&layout, &inv, user, changed)?;
         wait_haproxy_cert(&layout, &inv, &new, opts.timeout)?;
-        if let Some(leader) = &leader {
-            let replicas: Vec<String> = inv
-                .database_hosts
-                .iter()
-                .map(|h| h.name.clone())
-                .filter(|n| n != leader)
-                .collect();
-            haproxy::wait_routing(&layout, leader, &replicas, opts.timeout)?;
-        }
+        wait_routing_as_before(&layout, &inv, leader.as_deref(), opts.timeout)?;
         Ok(())
     })?;
     if rollover == Some(super::rotate_ca::Phase::Trusted) && opts.services.is_empty() {
@@ -210,6 +202,26 @@ pub fn rotate(opts: &RotateOptions) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Waits until HAProxy routes writes to `leader` and reads to every other node (nothing to
+/// wait for without a leader).
+pub(super) fn wait_routing_as_before(
+    layout: &Layout,
+    inv: &Inventory,
+    leader: Option<&str>,
+    timeout: Duration,
+) -> Result<()> {
+    let Some(leader) = leader else {
+        return Ok(());
+    };
+    let replicas: Vec<String> = inv
+        .database_hosts
+        .iter()
+        .map(|h| h.name.clone())
+        .filter(|n| n != leader)
+        .collect();
+    haproxy::wait_routing(layout, leader, &replicas, timeout)
 }
 
 /// HAProxy's and pgBackRest's users, for the environments that have them.

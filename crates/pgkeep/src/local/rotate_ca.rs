@@ -402,15 +402,7 @@ fn distribute_trust(env: &Env, timeout: Duration, etcd_last: bool) -> Result<()>
             Some(pid) => {
                 haproxy::write_files(layout, inv, user)?;
                 haproxy::reload(layout, pid)?;
-                if let Some(leader) = &leader {
-                    let replicas: Vec<String> = inv
-                        .database_hosts
-                        .iter()
-                        .map(|h| h.name.clone())
-                        .filter(|n| n != leader)
-                        .collect();
-                    haproxy::wait_routing(layout, leader, &replicas, timeout)?;
-                }
+                super::rotate::wait_routing_as_before(layout, inv, leader.as_deref(), timeout)?;
                 println!("      haproxy reloaded (pid {pid}), routing as before");
             }
             None => println!("      haproxy: not running; it reads the file when it starts"),

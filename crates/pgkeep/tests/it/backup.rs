@@ -124,6 +124,22 @@ pub(crate) fn wait_for(what: &str, mut f: impl FnMut() -> Result<bool>) -> Resul
     bail!("timed out waiting for {what} {last}")
 }
 
+/// The environment's `cluster.json`.
+pub(crate) fn cluster_json(sc: &Scenario) -> Result<Value> {
+    Ok(serde_json::from_str(&fs::read_to_string(
+        sc.dir.join("cluster.json"),
+    )?)?)
+}
+
+/// The member that holds the leader key, from `ctl list`.
+pub(crate) fn leader_name(sc: &Scenario) -> Result<String> {
+    sc.ctl_list()?
+        .into_iter()
+        .find(|r| r["role"] == "leader")
+        .and_then(|r| r["name"].as_str().map(str::to_owned))
+        .context("no leader")
+}
+
 fn stanza_json(sc: &Scenario) -> Result<Value> {
     let out = ok(&["backup", "list", "--dir", sc.d(), "--format", "json"])?;
     Ok(serde_json::from_str(&out)?)
@@ -136,7 +152,7 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
     ensure!(out.contains("pgBackRest stanza, archive check"), "{out}");
     let d = &sc.dir;
     let inv = sc.inventory()?;
-    let cluster: Value = serde_json::from_str(&fs::read_to_string(d.join("cluster.json"))?)?;
+    let cluster: Value = cluster_json(&sc)?;
     let app = cluster["libpq"]["app"].as_str().context("app libpq")?;
 
     // The passphrase: 0600, owned by the repository's user, on the repository host only.
@@ -172,12 +188,7 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
     )?;
     ok(&["backup", "run", "--dir", sc.d(), "--type", "full"])?;
     ok(&["backup", "check", "--dir", sc.d()])?;
-    let leader = sc
-        .ctl_list()?
-        .into_iter()
-        .find(|r| r["role"] == "leader")
-        .and_then(|r| r["name"].as_str().map(str::to_owned))
-        .context("no leader")?;
+    let leader = leader_name(&sc)?;
     let plain = files_containing(&d.join(format!("nodes/{leader}/data")), marker.as_bytes())?;
     ensure!(!plain.is_empty(), "the marker is not in {leader}'s files");
     let leaked = files_containing(&d.join("backup/repo"), marker.as_bytes())?;
@@ -389,7 +400,7 @@ fn up_archives_to_an_encrypted_tls_repository_and_backs_up_across_a_switchover()
 fn restore_to_a_time_brings_a_dropped_table_back_on_a_new_timeline() -> Result<()> {
     let sc = Scenario::new("pitr");
     sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
-    let cluster: Value = serde_json::from_str(&fs::read_to_string(sc.dir.join("cluster.json"))?)?;
+    let cluster: Value = cluster_json(&sc)?;
     let app = cluster["libpq"]["app"].as_str().context("app libpq")?;
     psql(
         app,
@@ -606,7 +617,7 @@ fn wal_the_dead_primary_never_archived_reaches_the_archive_and_pitr_crosses_it()
     let sc = Scenario::new("gap");
     sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
     let d = sc.dir.clone();
-    let cluster: Value = serde_json::from_str(&fs::read_to_string(d.join("cluster.json"))?)?;
+    let cluster: Value = cluster_json(&sc)?;
     let app = cluster["libpq"]["app"]
         .as_str()
         .context("app libpq")?
@@ -614,12 +625,7 @@ fn wal_the_dead_primary_never_archived_reaches_the_archive_and_pitr_crosses_it()
     psql(&app, "CREATE TABLE t(batch int, x int)")?;
     ok(&["backup", "run", "--dir", sc.d(), "--type", "full"])?;
     std::thread::sleep(Duration::from_secs(2));
-    let leader = sc
-        .ctl_list()?
-        .into_iter()
-        .find(|r| r["role"] == "leader")
-        .and_then(|r| r["name"].as_str().map(str::to_owned))
-        .context("no leader")?;
+    let leader = leader_name(&sc)?;
     let su = superuser_conn(&cluster, &leader, "postgres")?;
 
     // The repository goes away: archiving lags while three segments fill and are streamed.

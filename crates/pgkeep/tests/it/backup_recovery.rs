@@ -7,7 +7,9 @@ use std::fs;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
-use crate::backup::{psql, stop_repository_server, su_psql, superuser_conn, wait_for};
+use crate::backup::{
+    cluster_json, leader_name, psql, stop_repository_server, su_psql, superuser_conn, wait_for,
+};
 use crate::local::{Scenario, ok};
 
 /// Every data directory is lost while the cluster is down: with no leader and no member to
@@ -18,7 +20,7 @@ fn with_every_data_directory_lost_replicas_come_from_the_repository_and_one_lead
     let sc = Scenario::new("dr");
     sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
     let d = sc.dir.clone();
-    let cluster: Value = serde_json::from_str(&fs::read_to_string(d.join("cluster.json"))?)?;
+    let cluster: Value = cluster_json(&sc)?;
     let app = cluster["libpq"]["app"].as_str().context("app libpq")?;
     psql(
         app,
@@ -108,13 +110,8 @@ fn wal_dropped_from_a_full_archive_queue_is_reported_as_a_gap() -> Result<()> {
     let sc = Scenario::new("drop");
     sc.up(&["--no-haproxy", "--no-backup-scheduler"])?;
     let d = sc.dir.clone();
-    let cluster: Value = serde_json::from_str(&fs::read_to_string(d.join("cluster.json"))?)?;
-    let leader = sc
-        .ctl_list()?
-        .into_iter()
-        .find(|r| r["role"] == "leader")
-        .and_then(|r| r["name"].as_str().map(str::to_owned))
-        .context("no leader")?;
+    let cluster: Value = cluster_json(&sc)?;
+    let leader = leader_name(&sc)?;
     ensure!(
         !ok(&["ctl", "--dir", sc.d(), "list"])?.contains("GAP"),
         "a gap before anything was dropped"

@@ -111,6 +111,25 @@ fn config_check(path: &Path, text: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Checks the agent's configuration `text` (through `probe`), installs it, starts the one-node
+/// cluster and creates the login role `role` without a password.
+fn start_with(c: &mut AgentCluster, probe: &Path, text: String, role: &str) {
+    let out = config_check(probe, &text);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&c.agents[0].config, text).unwrap();
+    c.start_all().unwrap();
+    c.wait("a running primary", Duration::from_secs(90), |c| {
+        c.primary() == Some(0)
+    })
+    .unwrap();
+    let created = c.psql(0, &format!("CREATE ROLE {role} LOGIN")).unwrap();
+    assert!(created.success(), "{}", created.stderr);
+}
+
 #[test]
 fn ldap_login_over_tls_is_checked_by_slapd() {
     let env = pgkeep_testkit::Env::new("ldap").unwrap();
@@ -177,20 +196,7 @@ fn ldap_login_over_tls_is_checked_by_slapd() {
     );
 
     let text = add_postgresql_keys(&original, &keys(&hba(" ldapscheme=ldaps")));
-    let out = config_check(&probe, &text);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&a.config, text).unwrap();
-    c.start_all().unwrap();
-    c.wait("a running primary", Duration::from_secs(90), |c| {
-        c.primary() == Some(0)
-    })
-    .unwrap();
-    let created = c.psql(0, "CREATE ROLE alice LOGIN").unwrap();
-    assert!(created.success(), "{}", created.stderr);
+    start_with(&mut c, &probe, text, "alice");
     let rule = c
         .psql(
             0,
@@ -314,20 +320,7 @@ fn cert_login_needs_a_certificate_named_after_the_role() {
         "  pg_hba:\n    - 'hostssl all carol 127.0.0.0/8 cert'\n",
     );
     let probe = env.tmp_dir().join("cert-probe.yml");
-    let out = config_check(&probe, &text);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&a.config, text).unwrap();
-    c.start_all().unwrap();
-    c.wait("a running primary", Duration::from_secs(90), |c| {
-        c.primary() == Some(0)
-    })
-    .unwrap();
-    let created = c.psql(0, "CREATE ROLE carol LOGIN").unwrap();
-    assert!(created.success(), "{}", created.stderr);
+    start_with(&mut c, &probe, text, "carol");
 
     let carol = env.client_cert("carol").unwrap();
     let ok = cert_login(
